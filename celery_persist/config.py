@@ -1,0 +1,164 @@
+"""The ``persist_*`` settings: declared once here, read once by ``Persist(app)``.
+
+Each setting has a name, a default, a parser and a one-line doc; the table in
+the README is generated from :data:`SETTINGS`. ``Persist(app, **overrides)``
+registers the defaults with ``app.add_defaults`` and freezes the values into a
+:class:`PersistConfig`; no other module reads ``app.conf``. Secrets come from
+the environment (``CELERY_PERSIST_KEYS``, ``CELERY_PERSIST_SIGNING_SECRET``)
+unless set explicitly, and are read only when the config is built.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigurationError
+from .hub import ENCRYPTION_MODES
+from .serializer import DEFAULT_MAX_STATE_SIZE
+
+__all__ = ["Setting", "SETTINGS", "PersistConfig", "DEFAULT_STORE_URL"]
+
+DEFAULT_STORE_URL = "sqlite:///celery-persist.db"
+
+
+def _int(v: Any) -> int:
+    return int(v)
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v in (None, "", 0) else float(v)
+
+
+def _float(v: Any) -> float:
+    return float(v)
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
+def _str(v: Any) -> str:
+    return str(v)
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v in (None, "") else str(v)
+
+
+def _mapping(v: Any) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping):
+        raise ConfigurationError("persist_store_options must be a mapping")
+    return dict(v)
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        if v not in allowed:
+            raise ConfigurationError(f"must be one of {allowed}, not {v!r}")
+        return str(v)
+
+    return parse
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    doc: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("persist_store_url", DEFAULT_STORE_URL, _str, "Where suspensions and checkpoints live (see Stores)."),
+    Setting("persist_store_options", None, _mapping, "Store options, e.g. {'prefix': 'shop'} or {'chunk_size': 4096}."),
+    Setting("persist_codec", "json", _choice("json", "pickle", "dill"), "State codec; pickle/dill need a key or signing secret."),
+    Setting("persist_compression", "auto", _choice("auto", "zstd", "gzip", "none"), "auto = zstd when installed, else gzip."),
+    Setting("persist_compression_threshold", 1024, _int, "States smaller than this many bytes are not compressed."),
+    Setting("persist_max_state_size", DEFAULT_MAX_STATE_SIZE, _int, "Largest encoded state in bytes (write and decompress)."),
+    Setting("persist_encryption", "auto", _choice(*ENCRYPTION_MODES), "auto: encrypt when keys exist; required; off."),
+    Setting("persist_keys", None, _opt_str, "'kid:base64key,...' (first is active); default: CELERY_PERSIST_KEYS."),
+    Setting("persist_signing_secret", None, _opt_str, "HMAC secret for keys; default: CELERY_PERSIST_SIGNING_SECRET."),
+    Setting("persist_default_timeout", None, _opt_float, "await_input timeout in seconds when none is given (None: never)."),
+    Setting("persist_checkpoint_ttl", 7 * 86400, _opt_float, "Seconds a checkpoint outlives its last write (kept after failure)."),
+    Setting("persist_lease", 60, _float, "Seconds a resume claim holds before cleanup may re-open it."),
+    Setting("persist_retention", 7 * 86400, _float, "Seconds finished suspensions stay to answer AlreadyResumed."),
+    Setting("persist_cleanup_interval", 300, _opt_float, "Beat runs celery_persist.cleanup this often (None/0: no entry)."),
+    Setting("persist_key_in_result", True, _bool, "Put the suspension key in the result backend's info dict."),
+    Setting("persist_send_events", True, _bool, "Send task-suspended / task-resumed events (Flower shows SUSPENDED)."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True, slots=True)
+class PersistConfig:
+    """The frozen ``persist_*`` settings of one app (secrets resolved)."""
+
+    store_url: str = DEFAULT_STORE_URL
+    store_options: Mapping[str, Any] = field(default_factory=dict)
+    codec: str = "json"
+    compression: str = "auto"
+    compression_threshold: int = 1024
+    max_state_size: int = DEFAULT_MAX_STATE_SIZE
+    encryption: str = "auto"
+    keys: str | None = field(default=None, repr=False)
+    signing_secret: str | None = field(default=None, repr=False)
+    default_timeout: float | None = None
+    checkpoint_ttl: float | None = 7 * 86400
+    lease: float = 60.0
+    retention: float = 7 * 86400.0
+    cleanup_interval: float | None = 300.0
+    key_in_result: bool = True
+    send_events: bool = True
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """``{setting name: default}`` for ``app.add_defaults``."""
+        return {s.name: s.default for s in SETTINGS}
+
+    @classmethod
+    def from_mapping(cls, conf: Mapping[str, Any], **overrides: Any) -> PersistConfig:
+        """Build from app.conf-like mapping; ``overrides`` use short or full names."""
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = conf.get(setting.name, setting.default)
+            values[setting.name] = raw
+        for name, raw in overrides.items():
+            full = name if name.startswith("persist_") else f"persist_{name}"
+            if full not in _BY_NAME:
+                raise ConfigurationError(f"unknown celery-persist setting {name!r}")
+            values[full] = raw
+        kwargs: dict[str, Any] = {}
+        for full, raw in values.items():
+            setting = _BY_NAME[full]
+            try:
+                value = setting.default if raw is None and setting.default is not None else raw
+                kwargs[full.removeprefix("persist_")] = setting.parse(value)
+            except (TypeError, ValueError, ConfigurationError) as exc:
+                raise ConfigurationError(f"{full}: {exc}") from None
+        if kwargs["keys"] is None:
+            kwargs["keys"] = os.environ.get("CELERY_PERSIST_KEYS") or None
+        if kwargs["signing_secret"] is None:
+            kwargs["signing_secret"] = os.environ.get("CELERY_PERSIST_SIGNING_SECRET") or None
+        return cls(**kwargs)
+
+    @classmethod
+    def from_app(cls, app: Any, **overrides: Any) -> PersistConfig:
+        return cls.from_mapping(app.conf, **overrides)
+
+    def describe(self) -> dict[str, Any]:
+        """Settings safe to show (no secrets, masked URL)."""
+        from .stores import mask_url
+
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("keys", "signing_secret")}
+        out["store_url"] = mask_url(self.store_url)
+        out["keys"] = "set" if self.keys else None
+        out["signing_secret"] = "set" if self.signing_secret else None
+        return out

@@ -1,0 +1,230 @@
+"""Keyring and the two ways a blob is authenticated before it is trusted.
+
+* :class:`Keyring` seals with AES-256-GCM: confidentiality and integrity.
+  Blob layout ``b"\\xa7K1" | len(kid) | kid | nonce(12) | ciphertext+tag(16)``;
+  the header is part of the associated data, so a changed key id fails too.
+  Nonces are random 96-bit values: with at most ~2^32 writes per key the
+  collision risk stays below 2^-32; rotate keys long before that.
+* :class:`Signer` seals with HMAC-SHA256 only (no secrecy) for deployments that
+  have a signing secret but no encryption key. Layout ``b"\\xa7S1" | data | tag(32)``.
+
+Both implement the :class:`Sealer` protocol the hub uses, and both bind each
+blob to caller-supplied associated data (the hub passes the record's identity),
+so a blob copied onto another record does not open.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+from .errors import ConfigurationError, EncryptionError
+
+__all__ = ["Keyring", "Signer", "Sealer", "KEY_MAGIC", "SIGN_MAGIC"]
+
+KEY_MAGIC = b"\xa7K1"
+SIGN_MAGIC = b"\xa7S1"
+_NONCE = 12
+_TAG = 16
+_MAX_KID = 64
+
+
+class Sealer(Protocol):
+    """What the hub needs from a cipher or signer."""
+
+    #: True when sealed bytes are unreadable without a key.
+    confidential: bool
+
+    def seal(self, plaintext: bytes, associated_data: bytes) -> bytes: ...
+
+    def open(self, blob: bytes, associated_data: bytes) -> bytes: ...
+
+
+def _decode_key(kid: str, text: str) -> bytes:
+    try:
+        raw = base64.b64decode(text.strip(), altchars=b"-_" if ("-" in text or "_" in text) else None, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigurationError(f"encryption key {kid!r} is not valid base64") from None
+    if len(raw) != 32:
+        raise ConfigurationError(
+            f"encryption key {kid!r} decodes to {len(raw)} bytes; AES-256 needs 32 "
+            "(make one with: python -c 'import os,base64;print(base64.b64encode(os.urandom(32)).decode())')"
+        )
+    return raw
+
+
+class Keyring:
+    """AES-256-GCM keys by id; the first one encrypts, all of them decrypt.
+
+    Args:
+        keys: ``(key_id, 32-byte key)`` pairs, active key first. Key ids are
+            short ASCII names (``[A-Za-z0-9_.-]``, at most 64 characters).
+
+    Example:
+        >>> ring = Keyring([("2026-11", os.urandom(32)), ("2026-05", old_key)])
+        >>> blob = ring.encrypt(b"state", b"record-id")
+        >>> ring.decrypt(blob, b"record-id")
+        b'state'
+    """
+
+    confidential = True
+
+    def __init__(self, keys: Iterable[tuple[str, bytes]]) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._ciphers: dict[bytes, AESGCM] = {}
+        order: list[bytes] = []
+        for kid, key in keys:
+            bkid = kid.encode("ascii") if isinstance(kid, str) else kid
+            if not bkid or len(bkid) > _MAX_KID or not all(c in _KID_CHARS for c in bkid):
+                raise ConfigurationError(f"key id {kid!r} must be 1-64 characters of [A-Za-z0-9_.-]")
+            if len(key) != 32:
+                raise ConfigurationError(f"encryption key {kid!r} must be 32 bytes for AES-256")
+            if bkid in self._ciphers:
+                raise ConfigurationError(f"key id {kid!r} appears twice in the keyring")
+            self._ciphers[bkid] = AESGCM(key)
+            order.append(bkid)
+        if not order:
+            raise ConfigurationError("a keyring needs at least one key")
+        self._active = order[0]
+        self._ids = tuple(k.decode("ascii") for k in order)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Keyring | None:
+        """Build the keyring from ``CELERY_PERSIST_KEYS`` or ``CELERY_PERSIST_KEY``.
+
+        ``CELERY_PERSIST_KEYS`` is ``kid1:base64key,kid2:base64key`` (first is
+        active); ``CELERY_PERSIST_KEY`` is one base64 key with id ``default``.
+
+        Returns:
+            The keyring, or None when neither variable is set.
+
+        Raises:
+            ConfigurationError: A variable is set but malformed.
+        """
+        env = os.environ if environ is None else environ
+        many = env.get("CELERY_PERSIST_KEYS", "").strip()
+        if many:
+            return cls.parse(many)
+        one = env.get("CELERY_PERSIST_KEY", "").strip()
+        if one:
+            return cls([("default", _decode_key("default", one))])
+        return None
+
+    @classmethod
+    def parse(cls, spec: str) -> Keyring:
+        """Parse ``kid1:base64key,kid2:base64key`` (the ``CELERY_PERSIST_KEYS`` form)."""
+        pairs = []
+        for item in spec.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            kid, sep, text = item.partition(":")
+            if not sep:
+                raise ConfigurationError("CELERY_PERSIST_KEYS entries must look like 'kid:base64key'")
+            pairs.append((kid.strip(), _decode_key(kid.strip(), text)))
+        return cls(pairs)
+
+    @property
+    def active_id(self) -> str:
+        """Id of the key that encrypts new writes."""
+        return self._active.decode("ascii")
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """All key ids, active first."""
+        return self._ids
+
+    def encrypt(self, plaintext: bytes, associated_data: bytes) -> bytes:
+        """Encrypt and authenticate ``plaintext``, bound to ``associated_data``."""
+        header = KEY_MAGIC + bytes((len(self._active),)) + self._active
+        nonce = os.urandom(_NONCE)
+        return header + nonce + self._ciphers[self._active].encrypt(nonce, plaintext, header + associated_data)
+
+    def decrypt(self, blob: bytes, associated_data: bytes) -> bytes:
+        """Return the plaintext of ``blob``.
+
+        Raises:
+            EncryptionError: Not a keyring blob, unknown key id, or the tag does
+                not verify (wrong key, changed bytes, or other associated data).
+        """
+        from cryptography.exceptions import InvalidTag
+
+        kid = self.key_id_of(blob)
+        cipher = self._ciphers.get(kid.encode("ascii"))
+        if cipher is None:
+            raise EncryptionError(f"blob was encrypted with key id {kid!r}, which is not in the keyring")
+        split = len(KEY_MAGIC) + 1 + len(kid)
+        if len(blob) < split + _NONCE + _TAG:
+            raise EncryptionError("encrypted blob is truncated")
+        view = memoryview(blob)
+        try:
+            return cipher.decrypt(bytes(view[split : split + _NONCE]), view[split + _NONCE :], bytes(view[:split]) + associated_data)
+        except InvalidTag:
+            raise EncryptionError(
+                "encrypted blob does not authenticate: changed bytes, a blob from another record, or the wrong key"
+            ) from None
+
+    def key_id_of(self, blob: bytes) -> str:
+        """Key id a blob was encrypted with (no decryption)."""
+        if blob[:3] != KEY_MAGIC or len(blob) < 5:
+            raise EncryptionError("blob is not encrypted with a celery-persist keyring")
+        n = blob[3]
+        kid = bytes(blob[4 : 4 + n])
+        if len(kid) != n or not n:
+            raise EncryptionError("encrypted blob header is truncated")
+        try:
+            return kid.decode("ascii")
+        except UnicodeDecodeError:
+            raise EncryptionError("encrypted blob header is corrupt") from None
+
+    seal = encrypt
+    open = decrypt
+
+    def __repr__(self) -> str:
+        return f"<Keyring active={self.active_id!r} keys={len(self._ids)}>"
+
+
+_KID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+
+class Signer:
+    """HMAC-SHA256 authentication without encryption (signing secret only)."""
+
+    confidential = False
+
+    def __init__(self, secret: str | bytes) -> None:
+        raw = secret.encode("utf-8") if isinstance(secret, str) else secret
+        if len(raw) < 16:
+            raise ConfigurationError("the signing secret must be at least 16 bytes long")
+        # Derive a blob-signing key so the same secret never tags keys and blobs alike.
+        self._key = hmac.new(raw, b"celery-persist/blob-signing/v1", hashlib.sha256).digest()
+
+    def seal(self, plaintext: bytes, associated_data: bytes) -> bytes:
+        mac = hmac.new(self._key, SIGN_MAGIC, hashlib.sha256)
+        mac.update(struct.pack(">Q", len(associated_data)))
+        mac.update(associated_data)
+        mac.update(plaintext)
+        return SIGN_MAGIC + plaintext + mac.digest()
+
+    def open(self, blob: bytes, associated_data: bytes) -> bytes:
+        if blob[:3] != SIGN_MAGIC or len(blob) < 3 + 32:
+            raise EncryptionError("blob is not signed by celery-persist (or is truncated)")
+        view = memoryview(blob)
+        body = view[3:-32]
+        mac = hmac.new(self._key, SIGN_MAGIC, hashlib.sha256)
+        mac.update(struct.pack(">Q", len(associated_data)))
+        mac.update(associated_data)
+        mac.update(body)
+        if not hmac.compare_digest(mac.digest(), bytes(view[-32:])):
+            raise EncryptionError("signed blob does not verify: changed bytes, a blob from another record, or another secret")
+        return bytes(body)
+
+    def __repr__(self) -> str:
+        return "<Signer hmac-sha256>"

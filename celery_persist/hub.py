@@ -1,0 +1,541 @@
+"""PersistenceHub: the one place where store, serializer, crypto and keys meet.
+
+Write path: ``state -> StateSerializer.dumps -> seal (AES-GCM or HMAC) -> store.put``.
+Read path: validate the key (no store access for a malformed or forged one),
+``store.get -> open -> StateSerializer.loads``.
+
+The sealed blob is bound, as associated data, to the record's key hash, its
+kind and its metadata, so a blob copied to another record, or metadata edited
+in the store, fails to open. Metadata is stored in clear (operators list and
+inspect it without keys), so it must hold nothing secret.
+
+Resume is a claim: ``suspended -> claimed`` under a lease (``due_at`` is the
+lease deadline), then ``claimed -> resumed`` once the continuation is
+dispatched, or back to ``suspended`` if dispatch fails. A process that dies
+holding a lease leaves the record ``claimed``; :meth:`PersistenceHub.cleanup`
+re-opens it when the lease lapses, so the flow is never lost.
+
+Every state change writes one audit record to the ``celery_persist.audit``
+logger: action, key fingerprint, store, outcome. Never state or inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .crypto import KEY_MAGIC, SIGN_MAGIC, Keyring, Sealer, Signer
+from .errors import (
+    AlreadyResumed,
+    ConfigurationError,
+    EncryptionError,
+    PersistenceError,
+    SerializationError,
+    SuspensionCancelled,
+    SuspensionExpired,
+    SuspensionNotFound,
+)
+from .keys import fingerprint, key_hash, new_suspension_key, validate_key
+from .serializer import DEFAULT_MAX_STATE_SIZE, StateSerializer
+from .stores.base import TERMINAL, BaseStore, Kind, Page, Status, StoredRecord, dump_metadata
+
+__all__ = ["PersistenceHub", "Suspension", "ENCRYPTION_MODES"]
+
+logger = logging.getLogger(__name__)
+audit_logger = logging.getLogger("celery_persist.audit")
+
+ENCRYPTION_MODES = ("auto", "required", "off")
+_AAD_PREFIX = b"celery-persist/record/v1\0"
+_warned_plaintext = False
+
+
+def _utc(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class Suspension:
+    """A suspension as the hub returns it.
+
+    Attributes:
+        key: The suspension key; None when the record was read without it
+            (listing, cleanup).
+        fingerprint: Short non-secret name of the key (12 hex characters).
+        state: The suspended state (None in listings).
+        input: The resume input, set by :meth:`PersistenceHub.resume`.
+        metadata: Non-secret facts stored beside the state.
+        created_at: When it was suspended (UTC).
+        expires_at: When it times out (UTC), or None.
+        status: ``suspended``, ``claimed``, ``resumed``, ``cancelled`` or ``expired``.
+    """
+
+    key: str | None
+    fingerprint: str
+    state: Any = None
+    input: Any = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    expires_at: datetime | None = None
+    status: str = Status.SUSPENDED.value
+
+
+class PersistenceHub:
+    """Suspend, load, resume, cancel, list and clean up durable state.
+
+    Args:
+        store: Where records live (see :func:`celery_persist.open_store`).
+        keyring: AES-256-GCM keys; left out, read from ``CELERY_PERSIST_KEYS`` /
+            ``CELERY_PERSIST_KEY``.
+        serializer: How states become bytes; default ``StateSerializer()``.
+        signing_secret: HMAC secret for key tags (and blob signatures when not
+            encrypting); left out, read from ``CELERY_PERSIST_SIGNING_SECRET``.
+        default_ttl: Seconds before a suspension expires when ``suspend`` gets no ttl.
+        max_state_size: Largest serialized state, in bytes (write and decompress).
+        encryption: ``auto`` (encrypt when keys exist, else warn once),
+            ``required`` (refuse to start without a key) or ``off``.
+        lease: Seconds a resume claim holds before cleanup may re-open it.
+        retention: Seconds finished records (resumed, cancelled, expired) are
+            kept, so late callers get ``AlreadyResumed`` rather than ``SuspensionNotFound``.
+        clock: Returns POSIX seconds; tests may fake it.
+
+    Example:
+        >>> hub = PersistenceHub(open_store("sqlite:///persist.db"))
+        >>> key = hub.suspend({"x": 1}, ttl=60, metadata={"flow": "demo"})
+        >>> hub.resume(key, input={"ok": True}).state
+        {'x': 1}
+    """
+
+    def __init__(
+        self,
+        store: BaseStore,
+        *,
+        keyring: Keyring | None = None,
+        serializer: StateSerializer | None = None,
+        signing_secret: str | bytes | None = None,
+        default_ttl: float | None = None,
+        max_state_size: int = DEFAULT_MAX_STATE_SIZE,
+        encryption: str = "auto",
+        lease: float = 60.0,
+        retention: float = 7 * 86400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if encryption not in ENCRYPTION_MODES:
+            raise ConfigurationError(f"persist_encryption must be one of {ENCRYPTION_MODES}, not {encryption!r}")
+        self.store = store
+        self.serializer = serializer or StateSerializer(max_size=max_state_size)
+        if serializer is not None and max_state_size != DEFAULT_MAX_STATE_SIZE:
+            self.serializer = serializer.with_max_size(max_state_size)
+        self.default_ttl = default_ttl
+        self.lease = float(lease)
+        self.retention = float(retention)
+        self.clock = clock
+        self.encryption = encryption
+        if signing_secret is None:
+            signing_secret = os.environ.get("CELERY_PERSIST_SIGNING_SECRET") or None
+        self._secret = signing_secret
+        if keyring is None and encryption != "off":
+            keyring = Keyring.from_env()
+        if encryption == "required" and keyring is None:
+            raise ConfigurationError(
+                "persist_encryption is 'required' but no key is configured: set CELERY_PERSIST_KEYS or CELERY_PERSIST_KEY"
+            )
+        self.keyring = keyring if encryption != "off" else None
+        self._sealer: Sealer | None = self.keyring or (Signer(signing_secret) if signing_secret else None)
+        if self.serializer.unsafe_codec and self._sealer is None:
+            raise ConfigurationError(
+                f"the {self.serializer.codec} codec needs an encryption key or a signing secret, "
+                "because it only ever unpickles authenticated bytes"
+            )
+        if self.keyring is None and encryption == "auto":
+            global _warned_plaintext
+            if not _warned_plaintext:
+                _warned_plaintext = True
+                logger.warning(
+                    "celery-persist: no encryption key configured (CELERY_PERSIST_KEYS); "
+                    "suspended states are stored %s",
+                    "signed but readable" if self._sealer else "in clear and unauthenticated",
+                )
+
+    # -- sealing ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _aad(kh: str, kind: Kind, metadata: Mapping[str, Any]) -> bytes:
+        return b"".join((_AAD_PREFIX, kh.encode(), b"\0", kind.value.encode(), b"\0", dump_metadata(metadata).encode()))
+
+    def _seal(self, plain: bytes, aad: bytes) -> bytes:
+        return plain if self._sealer is None else self._sealer.seal(plain, aad)
+
+    def _open_record(self, rec: StoredRecord, fp: str | None = None) -> Any:
+        aad = self._aad(rec.key_hash, rec.kind, rec.metadata)
+        blob = rec.blob
+        fp = fp or rec.key_hash[:12]
+        magic = bytes(blob[:3])
+        try:
+            if magic == KEY_MAGIC:
+                if self.keyring is None:
+                    raise EncryptionError("record is encrypted but no encryption key is configured")
+                plain = self.keyring.decrypt(blob, aad)
+            elif self.keyring is not None:
+                raise EncryptionError("record is not encrypted but encryption is on; refusing to read it")
+            elif magic == SIGN_MAGIC:
+                if self._sealer is None:
+                    raise EncryptionError("record is signed but no signing secret is configured")
+                plain = self._sealer.open(blob, aad)
+            elif self._sealer is not None:
+                raise EncryptionError("record is not signed but a signing secret is set; refusing to read it")
+            else:
+                plain = blob
+            return self.serializer.loads(plain, trusted=self._sealer is not None)
+        except PersistenceError as exc:
+            exc.key, exc.store = fp, self.store.name
+            raise
+
+    # -- audit -----------------------------------------------------------------------------
+
+    def _audit(self, action: str, fp: str, outcome: str, **extra: Any) -> None:
+        audit_logger.info(
+            "%s suspension=%s store=%s outcome=%s",
+            action,
+            fp,
+            self.store.name,
+            outcome,
+            extra={"persist_action": action, "persist_key": fp, "persist_store": self.store.name, "persist_outcome": outcome, **extra},
+        )
+
+    def _view(self, rec: StoredRecord, key: str | None, *, state: Any = None, input: Any = None, now: float | None = None) -> Suspension:
+        status = rec.status
+        if status is Status.SUSPENDED and rec.expires_at is not None and now is not None and rec.expires_at <= now:
+            status = Status.EXPIRED
+        return Suspension(
+            key=key,
+            fingerprint=rec.key_hash[:12],
+            state=state,
+            input=input,
+            metadata=dict(rec.metadata),
+            created_at=_utc(rec.created_at),
+            expires_at=_utc(rec.expires_at),
+            status=status.value,
+        )
+
+    # -- suspensions -----------------------------------------------------------------------
+
+    def suspend(
+        self,
+        state: Any,
+        *,
+        ttl: float | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        key: str | None = None,
+    ) -> str:
+        """Store ``state`` and return the key that resumes it.
+
+        Args:
+            state: Anything the codec can encode.
+            ttl: Seconds until it expires (None: ``default_ttl``; 0 or None: never).
+            metadata: JSON-able, non-secret facts kept in clear for listing.
+            key: Use this (already issued) key instead of a new one.
+
+        Raises:
+            StateTooLarge: The serialized state exceeds ``max_state_size``.
+            SerializationError: The state or metadata cannot be encoded.
+            StoreUnavailable: The store is down; nothing was written.
+        """
+        if key is None:
+            key = new_suspension_key(self._secret)
+        else:
+            validate_key(key, self._secret)
+        ttl = self.default_ttl if ttl is None else ttl
+        now = self.clock()
+        expires = now + ttl if ttl else None
+        rec = self._build(key_hash(key), Kind.SUSPENSION, Status.SUSPENDED, state, metadata, now, expires, fingerprint(key))
+        self.store.put(rec)
+        self._audit("suspend", fingerprint(key), "ok")
+        return key
+
+    def _build(
+        self,
+        kh: str,
+        kind: Kind,
+        status: Status,
+        state: Any,
+        metadata: Mapping[str, Any] | None,
+        now: float,
+        expires: float | None,
+        fp: str,
+    ) -> StoredRecord:
+        md = dict(metadata or {})
+        try:
+            aad = self._aad(kh, kind, md)
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"metadata must be JSON-serializable: {type(exc).__name__}", key=fp) from None
+        try:
+            plain = self.serializer.dumps(state)
+        except PersistenceError as exc:
+            exc.key, exc.store = fp, self.store.name
+            raise
+        return StoredRecord(kh, kind, status, self._seal(plain, aad), md, now, expires, expires, now)
+
+    def load(self, key: str) -> Suspension:
+        """Read a suspension without changing it.
+
+        Raises:
+            InvalidKey: Malformed or forged key (nothing was read).
+            SuspensionNotFound: No such suspension.
+            IntegrityError, EncryptionError: The stored blob does not authenticate.
+        """
+        validate_key(key, self._secret)
+        fp = fingerprint(key)
+        rec = self._get(key, fp)
+        return self._view(rec, key, state=self._open_record(rec, fp), now=self.clock())
+
+    def _get(self, key: str, fp: str) -> StoredRecord:
+        rec = self.store.get(key_hash(key))
+        if rec is None or rec.kind is not Kind.SUSPENSION:
+            raise SuspensionNotFound("no suspension is stored under this key", key=fp, store=self.store.name)
+        return rec
+
+    def _refuse(self, rec: StoredRecord, fp: str, now: float, action: str) -> None:
+        """Raise the error that ``rec``'s status means for a resume or cancel."""
+        status = rec.status
+        err: PersistenceError | None = None
+        if status in (Status.CLAIMED, Status.RESUMED):
+            err = AlreadyResumed("this suspension was already resumed", key=fp, store=self.store.name)
+        elif status is Status.CANCELLED:
+            err = SuspensionCancelled("this suspension was cancelled", key=fp, store=self.store.name)
+        elif status is Status.EXPIRED or (rec.expires_at is not None and rec.expires_at <= now):
+            err = SuspensionExpired("this suspension expired before it was resumed", key=fp, store=self.store.name)
+        if err is not None:
+            self._audit(action, fp, f"denied:{type(err).__name__}")
+            raise err
+
+    def claim(self, key: str, input: Any = None, *, lease: float | None = None) -> Suspension:
+        """Take the exclusive right to resume ``key`` for ``lease`` seconds.
+
+        Follow with :meth:`complete` once the continuation is dispatched, or
+        :meth:`release` if it could not be. Prefer :meth:`claiming`.
+
+        Raises:
+            InvalidKey, SuspensionNotFound, AlreadyResumed, SuspensionExpired,
+            SuspensionCancelled, IntegrityError, EncryptionError, StoreUnavailable.
+        """
+        validate_key(key, self._secret)
+        fp = fingerprint(key)
+        now = self.clock()
+        rec = self._get(key, fp)
+        self._refuse(rec, fp, now, "resume")
+        # Open before claiming: a blob that fails to authenticate must not use up the claim.
+        state = self._open_record(rec, fp)
+        if not self.store.transition(rec.key_hash, {Status.SUSPENDED}, Status.CLAIMED, due_at=now + (lease or self.lease), now=now):
+            self._lost_race(rec.key_hash, fp, now, "resume")
+        self._audit("claim", fp, "granted")
+        return self._view(rec.replace(status=Status.CLAIMED), key, state=state, input=input)
+
+    def _lost_race(self, kh: str, fp: str, now: float, action: str) -> None:
+        """Another caller changed the record between our read and our transition: say how."""
+        latest = self.store.get(kh)
+        if latest is None:
+            raise SuspensionNotFound("no suspension is stored under this key", key=fp, store=self.store.name)
+        self._refuse(latest, fp, now, action)
+        self._audit(action, fp, "denied:AlreadyResumed")
+        raise AlreadyResumed("this suspension is being resumed by another caller", key=fp, store=self.store.name)
+
+    def complete(self, key: str) -> None:
+        """Mark a claimed suspension ``resumed`` (its continuation is on its way)."""
+        fp = fingerprint(key)
+        now = self.clock()
+        if not self.store.transition(key_hash(key), {Status.CLAIMED}, Status.RESUMED, due_at=now + self.retention, now=now):
+            raise AlreadyResumed("this suspension is not claimed (its lease lapsed and was re-opened?)", key=fp, store=self.store.name)
+        self._audit("resume", fp, "ok")
+
+    def release(self, key: str) -> None:
+        """Give a claim back: the suspension can be resumed again."""
+        fp = fingerprint(key)
+        now = self.clock()
+        rec = self.store.get(key_hash(key))
+        due = rec.expires_at if rec is not None else None
+        if self.store.transition(key_hash(key), {Status.CLAIMED}, Status.SUSPENDED, due_at=due, now=now):
+            self._audit("release", fp, "ok")
+
+    @contextlib.contextmanager
+    def claiming(self, key: str, input: Any = None, *, lease: float | None = None) -> Iterator[Suspension]:
+        """Claim ``key``; complete on a clean exit, release if the block raises.
+
+        Example:
+            >>> with hub.claiming(key, {"approved": True}) as s:
+            ...     dispatch(s.state, s.input)   # raises -> released, resumable again
+        """
+        suspension = self.claim(key, input, lease=lease)
+        try:
+            yield suspension
+        except BaseException:
+            self.release(key)
+            raise
+        self.complete(key)
+
+    def resume(self, key: str, input: Any = None) -> Suspension:
+        """Claim and complete in one step; exactly one caller per key succeeds.
+
+        Returns:
+            The suspension with ``.state``, ``.input`` and ``status == "resumed"``.
+
+        Raises:
+            InvalidKey: Malformed or forged key (no store read).
+            SuspensionNotFound, AlreadyResumed, SuspensionExpired, SuspensionCancelled.
+        """
+        with self.claiming(key, input) as s:
+            pass
+        return Suspension(
+            key=s.key,
+            fingerprint=s.fingerprint,
+            state=s.state,
+            input=s.input,
+            metadata=s.metadata,
+            created_at=s.created_at,
+            expires_at=s.expires_at,
+            status=Status.RESUMED.value,
+        )
+
+    def cancel(self, key: str) -> Suspension:
+        """End a suspension so it can no longer be resumed. Cancelling twice is a no-op.
+
+        Returns:
+            The suspension's metadata and times (no state), status ``cancelled``.
+
+        Raises:
+            InvalidKey, SuspensionNotFound, AlreadyResumed, SuspensionExpired.
+        """
+        validate_key(key, self._secret)
+        fp = fingerprint(key)
+        now = self.clock()
+        rec = self._get(key, fp)
+        if rec.status is not Status.CANCELLED:
+            self._refuse(rec, fp, now, "cancel")
+            if not self.store.transition(rec.key_hash, {Status.SUSPENDED}, Status.CANCELLED, due_at=now + self.retention, now=now):
+                latest = self.store.get(rec.key_hash)
+                if latest is None or latest.status is not Status.CANCELLED:
+                    self._lost_race(rec.key_hash, fp, now, "cancel")
+            self._audit("cancel", fp, "ok")
+        return self._view(rec.replace(status=Status.CANCELLED), key)
+
+    def list(self, status: str | None = None, limit: int = 100, cursor: str | None = None) -> Page:
+        """One page of suspensions (no state, no keys), in key-hash order.
+
+        Returns:
+            A :class:`Page` of :class:`Suspension` with ``.next_cursor`` (None at the end).
+        """
+        st = Status(status) if status is not None else None
+        page = self.store.scan(kind=Kind.SUSPENSION, status=st, limit=limit, cursor=cursor)
+        return Page([self._view(r, None) for r in page.items], page.next_cursor)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    @staticmethod
+    def checkpoint_hash(name: str) -> str:
+        return hashlib.sha256(b"checkpoint\0" + name.encode("utf-8")).hexdigest()
+
+    def save_checkpoint(self, name: str, state: Any, *, ttl: float | None = None, metadata: Mapping[str, Any] | None = None) -> None:
+        """Durably store ``state`` under ``name`` (e.g. a task id), replacing the last one."""
+        kh = self.checkpoint_hash(name)
+        now = self.clock()
+        ttl = self.default_ttl if ttl is None else ttl
+        self.store.put(self._build(kh, Kind.CHECKPOINT, Status.ACTIVE, state, metadata, now, now + ttl if ttl else None, kh[:12]))
+
+    def checkpoint_record(self, name: str) -> StoredRecord | None:
+        rec = self.store.get(self.checkpoint_hash(name))
+        return rec if rec is not None and rec.kind is Kind.CHECKPOINT else None
+
+    def load_checkpoint(self, name: str, default: Any = None) -> Any:
+        """The last state saved under ``name``, or ``default``."""
+        rec = self.checkpoint_record(name)
+        return default if rec is None else self._open_record(rec)
+
+    def delete_checkpoint(self, name: str) -> bool:
+        return self.store.delete(self.checkpoint_hash(name))
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    def cleanup(
+        self,
+        now: float | None = None,
+        *,
+        on_expired: Callable[[Suspension], None] | None = None,
+        batch: int = 500,
+        retry_after: float = 60.0,
+    ) -> int:
+        """Handle every record that is due; cost grows with due records only.
+
+        * a suspension past ``expires_at`` becomes ``expired``, then
+          ``on_expired`` gets it (with state) to apply its timeout policy; if
+          that raises, the record goes back to ``suspended`` and is retried
+          after ``retry_after`` seconds;
+        * a claim whose lease lapsed is re-opened (``suspended``);
+        * checkpoints past their ttl and finished records past retention are deleted.
+
+        Returns:
+            How many records were changed or deleted.
+        """
+        now = self.clock() if now is None else now
+        done = 0
+        while True:
+            records = self.store.due(now, batch)
+            progressed = 0
+            for rec in records:
+                progressed += self._cleanup_one(rec, now, on_expired, retry_after)
+            done += progressed
+            if len(records) < batch or not progressed:
+                return done
+
+    def _cleanup_one(
+        self, rec: StoredRecord, now: float, on_expired: Callable[[Suspension], None] | None, retry_after: float
+    ) -> int:
+        fp = rec.key_hash[:12]
+        if rec.kind is not Kind.SUSPENSION or rec.status in TERMINAL:
+            return int(self.store.delete(rec.key_hash))
+        if rec.status is Status.CLAIMED:
+            if self.store.transition(rec.key_hash, {Status.CLAIMED}, Status.SUSPENDED, due_at=rec.expires_at, now=now):
+                self._audit("reopen", fp, "lease-lapsed")
+                return 1
+            return 0
+        if not self.store.transition(rec.key_hash, {Status.SUSPENDED}, Status.EXPIRED, due_at=now + self.retention, now=now):
+            return 0
+        if on_expired is None:
+            self._audit("expire", fp, "ok")
+            return 1
+        try:
+            state = self._open_record(rec, fp)
+        except PersistenceError as exc:
+            # Unreadable (tampered or key removed): the record stays, marked expired, for inspection.
+            self._audit("expire", fp, f"unreadable:{type(exc).__name__}")
+            return 1
+        try:
+            on_expired(self._view(rec.replace(status=Status.EXPIRED), None, state=state))
+        except Exception:
+            logger.exception("celery-persist: timeout handler failed for suspension %s; retrying later", fp)
+            self.store.transition(rec.key_hash, {Status.EXPIRED}, Status.SUSPENDED, due_at=now + retry_after, now=now)
+            self._audit("expire", fp, "handler-failed")
+            return 1
+        self._audit("expire", fp, "ok")
+        return 1
+
+    def health(self) -> dict[str, Any]:
+        """Store health plus the hub's security posture (never raises)."""
+        info = dict(self.store.health())
+        info["encryption"] = "aes-256-gcm" if self.keyring else ("hmac-sha256" if self._sealer else "none")
+        info["key_ids"] = list(self.keyring.key_ids) if self.keyring else []
+        info["signed_keys"] = bool(self._secret)
+        info["codec"] = self.serializer.codec
+        info["compression"] = self.serializer.compression
+        return info
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __repr__(self) -> str:
+        return f"<PersistenceHub store={self.store.name} encryption={'on' if self.keyring else 'off'}>"

@@ -1,0 +1,232 @@
+"""The store contract: a handful of atomic operations over opaque records.
+
+A store sees bytes and metadata only. It never sees a suspension key (records
+are indexed by :func:`celery_persist.keys.key_hash`), never decrypts, and
+never decides policy: the hub does. What a store must guarantee:
+
+* :meth:`BaseStore.put` is an upsert of one whole record.
+* :meth:`BaseStore.transition` is a compare-and-set on ``status`` that is
+  atomic across processes and hosts. Claim, cancel, complete, expire and
+  re-open are all built from it. Each store's docstring says how.
+* :meth:`BaseStore.due` walks an index on ``due_at`` so cleanup costs
+  O(records due), not O(records stored).
+* :meth:`BaseStore.scan` pages by ``key_hash`` with a cursor: no duplicates,
+  no gaps for records that exist for the whole walk.
+
+Expiry has side effects (timeouts run errbacks, leases re-open), so no store
+lets its database drop records on its own through a native TTL.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import json
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+__all__ = ["Status", "Kind", "StoredRecord", "Page", "BaseStore", "KEEP", "dump_metadata", "load_metadata"]
+
+
+class Status(str, enum.Enum):
+    """Lifecycle of a record.
+
+    Suspensions move ``suspended -> claimed -> resumed`` (or back to
+    ``suspended`` when a lease is released or lapses), or end ``cancelled`` /
+    ``expired``. Checkpoints and run records stay ``active``.
+    """
+
+    SUSPENDED = "suspended"
+    CLAIMED = "claimed"
+    RESUMED = "resumed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    ACTIVE = "active"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TERMINAL = frozenset({Status.RESUMED, Status.CANCELLED, Status.EXPIRED})
+
+
+class Kind(str, enum.Enum):
+    """What a record holds."""
+
+    SUSPENSION = "suspension"
+    CHECKPOINT = "checkpoint"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class _Keep(enum.Enum):
+    KEEP = "keep"
+
+
+#: Sentinel for :meth:`BaseStore.transition`: leave ``due_at`` as it is.
+KEEP = _Keep.KEEP
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """One stored record. Times are POSIX seconds (UTC).
+
+    Attributes:
+        key_hash: SHA-256 hex of the suspension key (or of the checkpoint name).
+        kind: What the record holds.
+        status: Where it is in its lifecycle.
+        blob: The sealed (encrypted or signed) serialized state; opaque here.
+        metadata: Non-secret, JSON-able facts for listing (task name, prompt...).
+            Authenticated by the hub as associated data, not encrypted.
+        created_at: When the record was first written.
+        expires_at: When the suspension times out (None: never).
+        due_at: When cleanup must next look at the record (None: never).
+            For ``suspended`` it is ``expires_at``; for ``claimed`` the lease
+            deadline; for terminal records the end of their retention.
+        updated_at: Last write.
+    """
+
+    key_hash: str
+    kind: Kind
+    status: Status
+    blob: bytes
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    expires_at: float | None = None
+    due_at: float | None = None
+    updated_at: float = 0.0
+
+    def replace(self, **changes: Any) -> StoredRecord:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing; ``next_cursor`` is None at the end."""
+
+    items: Sequence[Any]
+    next_cursor: str | None = None
+
+
+def dump_metadata(metadata: Mapping[str, Any]) -> str:
+    """Canonical JSON text of metadata (sorted keys, no spaces): stable for AAD."""
+    return json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def load_metadata(text: str | bytes | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    value = json.loads(text)
+    return value if isinstance(value, dict) else {}
+
+
+class BaseStore(abc.ABC):
+    """Abstract store. Subclasses implement the five abstract methods.
+
+    Implementations connect lazily, reconnect after ``fork()``, and map their
+    driver's transient errors to :class:`~celery_persist.errors.StoreUnavailable`.
+    """
+
+    #: URL schemes this class serves (for messages and the conformance suite).
+    schemes: ClassVar[tuple[str, ...]] = ()
+    #: True when claims are atomic across processes (False only for memory://).
+    shared_across_processes: ClassVar[bool] = True
+    #: True when records survive a restart of the process.
+    durable: ClassVar[bool] = True
+
+    #: Masked URL for logs and errors (never contains a password).
+    name: str = "store"
+
+    def setup(self) -> None:
+        """Create tables, indexes, directories; run migrations. Idempotent."""
+
+    @abc.abstractmethod
+    def put(self, record: StoredRecord) -> None:
+        """Insert or replace the whole record."""
+
+    def put_many(self, records: Iterable[StoredRecord]) -> None:
+        """Write many records; stores override this with a batched form."""
+        for record in records:
+            self.put(record)
+
+    @abc.abstractmethod
+    def get(self, key_hash: str) -> StoredRecord | None:
+        """The record, or None."""
+
+    @abc.abstractmethod
+    def delete(self, key_hash: str) -> bool:
+        """Remove the record; True if it existed."""
+
+    @abc.abstractmethod
+    def transition(
+        self,
+        key_hash: str,
+        expect: Collection[Status],
+        to: Status,
+        *,
+        due_at: float | None | _Keep = KEEP,
+        now: float,
+    ) -> bool:
+        """Atomically set ``status = to`` if the current status is in ``expect``.
+
+        Args:
+            key_hash: The record.
+            expect: Statuses from which the move is allowed.
+            to: The new status.
+            due_at: New ``due_at`` (``KEEP`` leaves it unchanged).
+            now: Stored as ``updated_at``.
+
+        Returns:
+            True if this call made the change; False if the record is missing
+            or its status was not in ``expect`` (someone else won).
+        """
+
+    @abc.abstractmethod
+    def scan(
+        self,
+        *,
+        kind: Kind | None = None,
+        status: Status | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+        with_blob: bool = False,
+    ) -> Page:
+        """Records in ``key_hash`` order after ``cursor``; items are :class:`StoredRecord`.
+
+        ``with_blob=False`` lets a store skip reading blobs (items carry ``b""``).
+        """
+
+    @abc.abstractmethod
+    def due(self, now: float, limit: int = 100) -> list[StoredRecord]:
+        """Up to ``limit`` records with ``due_at <= now``, earliest first, with blobs."""
+
+    def replace_blob(self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float) -> bool:
+        """Swap the blob if it is still ``old_blob`` (key rotation). Default: get + put, not atomic."""
+        current = self.get(key_hash)
+        if current is None or current.blob != old_blob:
+            return False
+        self.put(current.replace(blob=new_blob, updated_at=now))
+        return True
+
+    def health(self) -> dict[str, Any]:
+        """``{"ok": bool, "store": name, ...}``; never raises for a down store."""
+        try:
+            self.scan(limit=1)
+        except Exception as exc:  # noqa: BLE001 - health reports, it does not raise
+            return {"ok": False, "store": self.name, "error": type(exc).__name__}
+        return {"ok": True, "store": self.name}
+
+    def close(self) -> None:
+        """Release connections. The store reconnects if used again."""
+
+    def __enter__(self) -> BaseStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"

@@ -1,0 +1,139 @@
+"""``memory://``: the reference store and test double.
+
+URL: ``memory://`` (every open gets a fresh, private store) or ``memory://NAME``
+(stores opened with the same name and ``prefix`` in one process share records).
+Options: ``prefix``.
+Atomicity: one lock around every operation; claims are atomic between threads
+of one process only, so it is not for real deployments.
+Fork: a child gets a copy of the records and its own lock; nothing is shared.
+Tested: in-process only.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import threading
+from collections.abc import Collection
+from typing import ClassVar
+
+from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep
+
+__all__ = ["MemoryStore"]
+
+class _Shelf:
+    """Records, their lock and the due-heap: what stores of one name share."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, StoredRecord] = {}
+        self.lock = threading.RLock()
+        self.heap: list[tuple[float, str]] = []
+
+
+_NAMED: dict[str, _Shelf] = {}
+_NAMED_LOCK = threading.Lock()
+
+
+class MemoryStore(BaseStore):
+    """Records in a dict, ``due_at`` in a heap with lazy deletion."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("memory",)
+    shared_across_processes: ClassVar[bool] = False
+    durable: ClassVar[bool] = False
+
+    def __init__(self, url: str = "memory://", *, prefix: str = "") -> None:
+        name = url.partition("://")[2].strip("/")
+        if name and prefix:
+            name = f"{name}/{prefix}"
+        self.name = url if name else "memory://"
+        if name:
+            with _NAMED_LOCK:
+                shelf = _NAMED.setdefault(name, _Shelf())
+        else:
+            shelf = _Shelf()
+        self._records, self._lock, self._heap = shelf.records, shelf.lock, shelf.heap
+
+    def _index(self, rec: StoredRecord) -> None:
+        if rec.due_at is not None:
+            heapq.heappush(self._heap, (rec.due_at, rec.key_hash))
+
+    def put(self, record: StoredRecord) -> None:
+        with self._lock:
+            self._records[record.key_hash] = record
+            self._index(record)
+
+    def get(self, key_hash: str) -> StoredRecord | None:
+        with self._lock:
+            return self._records.get(key_hash)
+
+    def delete(self, key_hash: str) -> bool:
+        with self._lock:
+            return self._records.pop(key_hash, None) is not None
+
+    def transition(
+        self,
+        key_hash: str,
+        expect: Collection[Status],
+        to: Status,
+        *,
+        due_at: float | None | _Keep = KEEP,
+        now: float,
+    ) -> bool:
+        with self._lock:
+            rec = self._records.get(key_hash)
+            if rec is None or rec.status not in expect:
+                return False
+            new = rec.replace(status=to, updated_at=now, due_at=rec.due_at if due_at is KEEP else due_at)
+            self._records[key_hash] = new
+            self._index(new)
+            return True
+
+    def replace_blob(self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float) -> bool:
+        with self._lock:
+            rec = self._records.get(key_hash)
+            if rec is None or rec.blob != old_blob:
+                return False
+            self._records[key_hash] = rec.replace(blob=new_blob, updated_at=now)
+            return True
+
+    def scan(
+        self,
+        *,
+        kind: Kind | None = None,
+        status: Status | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+        with_blob: bool = False,
+    ) -> Page:
+        with self._lock:
+            keys = sorted(self._records)
+            start = bisect.bisect_right(keys, cursor) if cursor else 0
+            items: list[StoredRecord] = []
+            last: str | None = None
+            for kh in keys[start:]:
+                rec = self._records[kh]
+                last = kh
+                if (kind is None or rec.kind == kind) and (status is None or rec.status == status):
+                    items.append(rec if with_blob else rec.replace(blob=b""))
+                    if len(items) >= limit:
+                        break
+            more = last is not None and bisect.bisect_right(keys, last) < len(keys)
+            return Page(items, last if (more and len(items) >= limit) else None)
+
+    def due(self, now: float, limit: int = 100) -> list[StoredRecord]:
+        with self._lock:
+            out: list[StoredRecord] = []
+            seen: set[str] = set()
+            popped: list[tuple[float, str]] = []
+            while self._heap and self._heap[0][0] <= now and len(out) < limit:
+                entry = heapq.heappop(self._heap)
+                rec = self._records.get(entry[1])
+                # Lazy deletion: drop heap entries that no longer match the record.
+                if rec is None or rec.due_at != entry[0] or entry[1] in seen:
+                    continue
+                seen.add(entry[1])
+                popped.append(entry)
+                out.append(rec)
+            for entry in popped:  # still due until the caller moves or deletes them
+                heapq.heappush(self._heap, entry)
+            return out
