@@ -23,6 +23,7 @@ Codecs:
     and referred to with ``{"$cp": "ref", "id": n}``, so identity survives.
     Only dicts and lists can take part in a cycle (tuples and sets are
     immutable, so a cycle through one cannot be rebuilt; it is refused).
+    Enum members are written as their value on both paths, as orjson does.
 
 * ``pickle`` (id 2) and ``dill`` (id 3): any Python object. They are
   *unsafe*: :class:`~celery_persist.serializer.StateSerializer` decodes them
@@ -46,6 +47,7 @@ import uuid
 import zlib
 from collections.abc import Callable
 from decimal import Decimal
+from enum import Enum
 from typing import Any, Protocol
 
 import orjson
@@ -73,7 +75,7 @@ class Compression(Protocol):
 
     def compress(self, data: bytes, level: int) -> bytes: ...
 
-    def decompress(self, data: bytes, size: int) -> bytes:
+    def decompress(self, data: bytes | memoryview, size: int) -> bytes:
         """Return exactly ``size`` bytes or raise IntegrityError; never allocate more."""
         ...
 
@@ -84,6 +86,9 @@ _TAG = "$cp"
 _PLAIN = b"P"
 _TAGGED = b"T"
 _ORJSON_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
+_SEQ_TAGS: dict[type, str] = {tuple: "t", set: "s", frozenset: "fs"}
 
 
 class _NotPlain(Exception):
@@ -147,7 +152,7 @@ class _Tagger:
                 items = [self.enc(v) for v in obj]
             finally:
                 self.active.discard(i)
-            return {_TAG: {tuple: "t", set: "s", frozenset: "fs"}[t], "v": items}
+            return {_TAG: _SEQ_TAGS[t], "v": items}
         if t is dt.datetime:
             return {_TAG: "dt", "v": obj.isoformat()}
         if t is dt.date:
@@ -162,6 +167,10 @@ class _Tagger:
             return {_TAG: "dec", "v": str(obj)}
         if t is uuid.UUID:
             return {_TAG: "u", "v": str(obj)}
+        if issubclass(t, Enum):
+            # orjson writes an Enum as its value on the fast path; do the same here, so
+            # whether a state encodes does not depend on a datetime elsewhere in it.
+            return self.enc(obj.value)
         raise SerializationError(
             f"the json codec cannot encode objects of type {t.__module__}.{t.__qualname__}; "
             "convert it to JSON types or choose the pickle codec"
@@ -244,8 +253,8 @@ class JsonCodec:
             return _PLAIN + orjson.dumps(obj, default=_refuse, option=_ORJSON_OPTS)
         except (_NotPlain, TypeError):
             pass  # a cycle, a type that needs a tag, non-str keys, ints beyond 64 bits, deep nesting
-        tree = _Tagger(obj).enc(obj)
         try:
+            tree = _Tagger(obj).enc(obj)
             return _TAGGED + json.dumps(tree, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
         except (ValueError, RecursionError) as exc:
             raise SerializationError(f"the json codec cannot encode this state: {type(exc).__name__}") from None
@@ -328,10 +337,10 @@ class NoCompression:
     def compress(self, data: bytes, level: int) -> bytes:
         return data
 
-    def decompress(self, data: bytes, size: int) -> bytes:
+    def decompress(self, data: bytes | memoryview, size: int) -> bytes:
         if len(data) != size:
             raise IntegrityError("payload length does not match its header")
-        return data
+        return bytes(data)
 
 
 class GzipCompression:
@@ -343,7 +352,7 @@ class GzipCompression:
         c = zlib.compressobj(level, zlib.DEFLATED, 31)
         return c.compress(data) + c.flush()
 
-    def decompress(self, data: bytes, size: int) -> bytes:
+    def decompress(self, data: bytes | memoryview, size: int) -> bytes:
         d = zlib.decompressobj(31)
         try:
             out = d.decompress(data, size + 1)
@@ -375,7 +384,7 @@ class ZstdCompression:
         out: bytes = c.compress(data)
         return out
 
-    def decompress(self, data: bytes, size: int) -> bytes:
+    def decompress(self, data: bytes | memoryview, size: int) -> bytes:
         try:
             # The frame header states its content size; zstandard allocates exactly that,
             # so check it against the (authenticated) envelope size before decompressing.

@@ -92,6 +92,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("persist_cleanup_interval", 300, _opt_float, "Beat runs celery_persist.cleanup this often (None/0: no entry)."),
     Setting("persist_key_in_result", True, _bool, "Put the suspension key in the result backend's info dict."),
     Setting("persist_send_events", True, _bool, "Send task-suspended / task-resumed events (Flower shows SUSPENDED)."),
+    Setting("persist_metrics", False, _bool, "Count suspends/resumes/expiries in Prometheus metrics (extra 'metrics')."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -117,6 +118,7 @@ class PersistConfig:
     cleanup_interval: float | None = 300.0
     key_in_result: bool = True
     send_events: bool = True
+    metrics: bool = False
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -139,8 +141,7 @@ class PersistConfig:
         for full, raw in values.items():
             setting = _BY_NAME[full]
             try:
-                value = setting.default if raw is None and setting.default is not None else raw
-                kwargs[full.removeprefix("persist_")] = setting.parse(value)
+                kwargs[full.removeprefix("persist_")] = setting.parse(raw)
             except (TypeError, ValueError, ConfigurationError) as exc:
                 raise ConfigurationError(f"{full}: {exc}") from None
         if kwargs["keys"] is None:

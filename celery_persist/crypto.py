@@ -81,10 +81,11 @@ class Keyring:
         self._ciphers: dict[bytes, AESGCM] = {}
         order: list[bytes] = []
         for kid, key in keys:
-            bkid = kid.encode("ascii") if isinstance(kid, str) else kid
+            # utf-8, not ascii: a non-ASCII id must fail the charset check below, not raise UnicodeEncodeError.
+            bkid = kid.encode("utf-8") if isinstance(kid, str) else kid
             if not bkid or len(bkid) > _MAX_KID or not all(c in _KID_CHARS for c in bkid):
                 raise ConfigurationError(f"key id {kid!r} must be 1-64 characters of [A-Za-z0-9_.-]")
-            if len(key) != 32:
+            if not isinstance(key, bytes | bytearray) or len(key) != 32:
                 raise ConfigurationError(f"encryption key {kid!r} must be 32 bytes for AES-256")
             if bkid in self._ciphers:
                 raise ConfigurationError(f"key id {kid!r} appears twice in the keyring")

@@ -34,6 +34,7 @@ from typing import Any
 from .crypto import KEY_MAGIC, SIGN_MAGIC, Keyring, Sealer, Signer
 from .errors import (
     AlreadyResumed,
+    InvalidKey,
     ConfigurationError,
     EncryptionError,
     PersistenceError,
@@ -104,6 +105,8 @@ class PersistenceHub:
         retention: Seconds finished records (resumed, cancelled, expired) are
             kept, so late callers get ``AlreadyResumed`` rather than ``SuspensionNotFound``.
         clock: Returns POSIX seconds; tests may fake it.
+        observer: Called as ``observer(action, outcome, extra)`` for every audit
+            record (``extra`` may hold ``seconds`` and ``size``); metrics hang here.
 
     Example:
         >>> hub = PersistenceHub(open_store("sqlite:///persist.db"))
@@ -125,7 +128,9 @@ class PersistenceHub:
         lease: float = 60.0,
         retention: float = 7 * 86400.0,
         clock: Callable[[], float] = time.time,
+        observer: Callable[[str, str, dict[str, Any]], None] | None = None,
     ) -> None:
+        self.observer = observer
         if encryption not in ENCRYPTION_MODES:
             raise ConfigurationError(f"persist_encryption must be one of {ENCRYPTION_MODES}, not {encryption!r}")
         self.store = store
@@ -208,6 +213,20 @@ class PersistenceHub:
             outcome,
             extra={"persist_action": action, "persist_key": fp, "persist_store": self.store.name, "persist_outcome": outcome, **extra},
         )
+        if self.observer is not None:
+            try:
+                self.observer(action, outcome, extra)
+            except Exception:  # noqa: BLE001 - metrics must never break a suspend or resume
+                logger.warning("celery-persist: metrics observer failed", exc_info=True)
+
+    def _check_key(self, key: str, action: str) -> str:
+        """Validate ``key`` (no store access) and return its fingerprint; audit a refusal."""
+        try:
+            validate_key(key, self._secret)
+        except InvalidKey:
+            self._audit(action, fingerprint(key) if isinstance(key, str) else "-", "denied:InvalidKey")
+            raise
+        return fingerprint(key)
 
     def _view(self, rec: StoredRecord, key: str | None, *, state: Any = None, input: Any = None, now: float | None = None) -> Suspension:
         status = rec.status
@@ -247,6 +266,7 @@ class PersistenceHub:
             SerializationError: The state or metadata cannot be encoded.
             StoreUnavailable: The store is down; nothing was written.
         """
+        started = time.perf_counter()
         if key is None:
             key = new_suspension_key(self._secret)
         else:
@@ -254,9 +274,10 @@ class PersistenceHub:
         ttl = self.default_ttl if ttl is None else ttl
         now = self.clock()
         expires = now + ttl if ttl else None
-        rec = self._build(key_hash(key), Kind.SUSPENSION, Status.SUSPENDED, state, metadata, now, expires, fingerprint(key))
+        fp = fingerprint(key)
+        rec = self._build(key_hash(key), Kind.SUSPENSION, Status.SUSPENDED, state, metadata, now, expires, fp)
         self.store.put(rec)
-        self._audit("suspend", fingerprint(key), "ok")
+        self._audit("suspend", fp, "ok", seconds=time.perf_counter() - started, size=len(rec.blob))
         return key
 
     def _build(
@@ -295,9 +316,11 @@ class PersistenceHub:
         rec = self._get(key, fp)
         return self._view(rec, key, state=self._open_record(rec, fp), now=self.clock())
 
-    def _get(self, key: str, fp: str) -> StoredRecord:
+    def _get(self, key: str, fp: str, action: str | None = None) -> StoredRecord:
         rec = self.store.get(key_hash(key))
         if rec is None or rec.kind is not Kind.SUSPENSION:
+            if action is not None:
+                self._audit(action, fp, "denied:SuspensionNotFound")
             raise SuspensionNotFound("no suspension is stored under this key", key=fp, store=self.store.name)
         return rec
 
@@ -325,16 +348,16 @@ class PersistenceHub:
             InvalidKey, SuspensionNotFound, AlreadyResumed, SuspensionExpired,
             SuspensionCancelled, IntegrityError, EncryptionError, StoreUnavailable.
         """
-        validate_key(key, self._secret)
-        fp = fingerprint(key)
+        started = time.perf_counter()
+        fp = self._check_key(key, "resume")
         now = self.clock()
-        rec = self._get(key, fp)
+        rec = self._get(key, fp, "resume")
         self._refuse(rec, fp, now, "resume")
         # Open before claiming: a blob that fails to authenticate must not use up the claim.
         state = self._open_record(rec, fp)
         if not self.store.transition(rec.key_hash, {Status.SUSPENDED}, Status.CLAIMED, due_at=now + (lease or self.lease), now=now):
             self._lost_race(rec.key_hash, fp, now, "resume")
-        self._audit("claim", fp, "granted")
+        self._audit("claim", fp, "granted", seconds=time.perf_counter() - started, size=len(rec.blob))
         return self._view(rec.replace(status=Status.CLAIMED), key, state=state, input=input)
 
     def _lost_race(self, kh: str, fp: str, now: float, action: str) -> None:
@@ -411,10 +434,9 @@ class PersistenceHub:
         Raises:
             InvalidKey, SuspensionNotFound, AlreadyResumed, SuspensionExpired.
         """
-        validate_key(key, self._secret)
-        fp = fingerprint(key)
+        fp = self._check_key(key, "cancel")
         now = self.clock()
-        rec = self._get(key, fp)
+        rec = self._get(key, fp, "cancel")
         if rec.status is not Status.CANCELLED:
             self._refuse(rec, fp, now, "cancel")
             if not self.store.transition(rec.key_hash, {Status.SUSPENDED}, Status.CANCELLED, due_at=now + self.retention, now=now):
@@ -523,6 +545,81 @@ class PersistenceHub:
             return 1
         self._audit("expire", fp, "ok")
         return 1
+
+    def rotate_keys(self, *, batch: int = 200, on_record: Callable[[str], None] | None = None) -> dict[str, int]:
+        """Re-encrypt every record not sealed with the active key. Resumable; safe while workers run.
+
+        Each record is swapped with :meth:`BaseStore.replace_blob`, a
+        compare-and-set on the blob, so a record a worker changes meanwhile is
+        left alone (the next run picks it up). Old keys must stay in the
+        keyring until this reports ``pending == 0``.
+
+        Args:
+            batch: Records per store page.
+            on_record: Called with each record's outcome (``rotated``, ``current``,
+                ``raced``, ``plaintext``, ``unreadable``), e.g. to drive a progress bar.
+
+        Returns:
+            Counts per outcome, plus ``pending`` (records still not under the active key).
+        """
+        if self.keyring is None:
+            raise EncryptionError("key rotation needs an encryption keyring (CELERY_PERSIST_KEYS)")
+        counts = {"rotated": 0, "current": 0, "raced": 0, "plaintext": 0, "unreadable": 0}
+        active = self.keyring.active_id
+        cursor: str | None = None
+        while True:
+            page = self.store.scan(limit=batch, cursor=cursor, with_blob=True)
+            for rec in page.items:
+                outcome = self._rotate_one(rec, active)
+                counts[outcome] += 1
+                if on_record is not None:
+                    on_record(outcome)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        counts["pending"] = counts["raced"] + counts["plaintext"] + counts["unreadable"]
+        self._audit("rotate-keys", "-", f"rotated={counts['rotated']} pending={counts['pending']}")
+        return counts
+
+    def _rotate_one(self, rec: StoredRecord, active: str) -> str:
+        assert self.keyring is not None
+        if bytes(rec.blob[:3]) != KEY_MAGIC:
+            return "plaintext"
+        try:
+            if self.keyring.key_id_of(rec.blob) == active:
+                return "current"
+            aad = self._aad(rec.key_hash, rec.kind, rec.metadata)
+            fresh = self.keyring.encrypt(self.keyring.decrypt(rec.blob, aad), aad)
+        except EncryptionError:
+            self._audit("rotate-keys", rec.key_hash[:12], "unreadable")
+            return "unreadable"
+        return "rotated" if self.store.replace_blob(rec.key_hash, rec.blob, fresh, now=self.clock()) else "raced"
+
+    def stats(self, *, batch: int = 1000) -> dict[str, Any]:
+        """Counts of suspensions by status, oldest suspended age, checkpoints (a full scan: for operators)."""
+        now = self.clock()
+        by_status: dict[str, int] = {}
+        checkpoints = 0
+        oldest: float | None = None
+        cursor: str | None = None
+        while True:
+            page = self.store.scan(limit=batch, cursor=cursor)
+            for rec in page.items:
+                if rec.kind is not Kind.SUSPENSION:
+                    checkpoints += 1
+                    continue
+                view = self._view(rec, None, now=now)
+                by_status[view.status] = by_status.get(view.status, 0) + 1
+                if view.status == Status.SUSPENDED.value and (oldest is None or rec.created_at < oldest):
+                    oldest = rec.created_at
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        return {
+            "suspensions": by_status,
+            "checkpoints": checkpoints,
+            "oldest_suspended_age": None if oldest is None else round(now - oldest, 3),
+        }
 
     def health(self) -> dict[str, Any]:
         """Store health plus the hub's security posture (never raises)."""

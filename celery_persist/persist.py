@@ -112,6 +112,8 @@ class Persist:
             retention=cfg.retention,
             max_state_size=cfg.max_state_size,
         )
+        if cfg.metrics:
+            _shared_metrics().attach(self.hub)
         self._store_ready = False
         self._setup_lock = threading.Lock()
         # Importing the tasks module attaches the shared tasks to every app, this one included.
@@ -217,6 +219,20 @@ class Persist:
 
     def __repr__(self) -> str:
         return f"<Persist app={self.app.main!r} store={self.hub.store.name}>"
+
+
+_metrics: Any = None
+
+
+def _shared_metrics() -> Any:
+    """One PrometheusMetrics per process (on the default registry) for every bound app."""
+    global _metrics
+    with _lock:
+        if _metrics is None:
+            from .metrics import PrometheusMetrics
+
+            _metrics = PrometheusMetrics()
+        return _metrics
 
 
 def _lineage(result: AsyncResult) -> Iterator[AsyncResult]:

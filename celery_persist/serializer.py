@@ -170,7 +170,7 @@ class StateSerializer:
                 "configure an encryption key or a signing secret"
             )
         payload = view[_HEADER_SIZE:]
-        raw = get_compression(comp_name).decompress(payload if comp_id else bytes(payload), size)
+        raw = get_compression(comp_name).decompress(payload, size)
         return codec.loads(raw)
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -90,4 +91,5 @@ def open_store(url: str, **options: Any) -> BaseStore:
         ConfigurationError: Unknown scheme, bad option, or missing driver (the
             message names the extra to install).
     """
-    return store_class(url)(url, **options)
+    factory: Callable[..., BaseStore] = store_class(url)
+    return factory(url, **options)

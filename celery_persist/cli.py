@@ -1,0 +1,372 @@
+"""Command line: ``celery -A proj persist ...`` and the standalone ``celery-persist``.
+
+``celery persist`` works on the app's configured store and can resume and
+cancel flows (it dispatches through the app). ``celery-persist --store URL``
+works on a store alone: list, show, stats, cleanup --dry-run, rotate-keys,
+and ``demo``. Keys and secrets come from the environment, as for workers.
+
+Exit codes follow Celery's (``os.EX_*``): 0 ok, 1 refused (already resumed,
+expired, cancelled), 64 usage, 65 malformed or forged key / bad input,
+66 unknown suspension, 69 store unavailable, 78 configuration error.
+
+``--json`` output is stable: one JSON document per command; the fields
+documented in the README only grow, never change meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .errors import (
+    AlreadyResumed,
+    ConfigurationError,
+    InvalidKey,
+    PersistenceError,
+    StoreUnavailable,
+    SuspensionCancelled,
+    SuspensionExpired,
+    SuspensionNotFound,
+)
+
+if TYPE_CHECKING:
+    from .hub import PersistenceHub, Suspension
+    from .persist import Persist
+
+__all__ = ["persist", "main"]
+
+_EXIT = (
+    (InvalidKey, os.EX_DATAERR),
+    (SuspensionNotFound, os.EX_NOINPUT),
+    ((AlreadyResumed, SuspensionExpired, SuspensionCancelled), 1),
+    (StoreUnavailable, os.EX_UNAVAILABLE),
+    (ConfigurationError, os.EX_CONFIG),
+    (PersistenceError, 1),
+)
+
+
+class _Ops:
+    """What a command works with: a hub, and the Persist of an app when there is one."""
+
+    def __init__(self, hub: PersistenceHub, persist: Persist | None = None) -> None:
+        self._hub: PersistenceHub | None = hub
+        self.persist = persist
+
+    @property
+    def hub(self) -> PersistenceHub:
+        assert self._hub is not None
+        return self._hub
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except PersistenceError as exc:
+        for cls, code in _EXIT:
+            if isinstance(exc, cls):
+                click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
+                sys.exit(code)
+        raise
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _summary(s: Suspension) -> dict[str, Any]:
+    md = s.metadata
+    return {
+        "fingerprint": s.fingerprint,
+        "status": s.status,
+        "prompt": md.get("prompt"),
+        "task": md.get("task"),
+        "task_id": md.get("task_id"),
+        "created_at": _iso(s.created_at),
+        "expires_at": _iso(s.expires_at),
+    }
+
+
+def _echo_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def _read_input(input_json: str | None, input_file: str | None) -> Any:
+    if input_json is not None and input_file is not None:
+        raise click.UsageError("give --input or --input-file, not both")
+    text = input_json
+    if input_file is not None:
+        with click.open_file(input_file) as fh:
+            text = fh.read()
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        click.echo(f"Error: the input is not valid JSON: {exc.msg} (line {exc.lineno})", err=True)
+        sys.exit(os.EX_DATAERR)
+
+
+# -- commands shared by both entry points ----------------------------------------------------------
+
+
+@click.command("list")
+@click.option("--status", type=click.Choice(["suspended", "claimed", "resumed", "cancelled", "expired"]))
+@click.option("--older-than", type=float, metavar="SECONDS", help="Only suspensions created more than SECONDS ago.")
+@click.option("--limit", type=int, default=1000, show_default=True, help="Stop after this many rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.pass_obj
+def list_cmd(ops: _Ops, status: str | None, older_than: float | None, limit: int, as_json: bool) -> None:
+    """List suspensions (never their state or keys)."""
+    rows: list[dict[str, Any]] = []
+    cutoff = None if older_than is None else time.time() - older_than
+    with _errors():
+        cursor: str | None = None
+        while len(rows) < limit:
+            page = ops.hub.list(status=status, limit=min(500, limit), cursor=cursor)
+            for s in page.items:
+                if cutoff is not None and s.created_at and s.created_at.timestamp() > cutoff:
+                    continue
+                rows.append(_summary(s))
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+    rows = rows[:limit]
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo("no suspensions")
+        return
+    click.echo(f"{'FINGERPRINT':<13} {'STATUS':<10} {'CREATED (UTC)':<20} {'EXPIRES (UTC)':<20} {'TASK':<28} PROMPT")
+    for r in rows:
+        click.echo(
+            f"{r['fingerprint']:<13} {r['status']:<10} {(r['created_at'] or '-')[:19]:<20} "
+            f"{(r['expires_at'] or '-')[:19]:<20} {(r['task'] or '-')[:28]:<28} {r['prompt'] or ''}"
+        )
+
+
+@click.command("show")
+@click.argument("key")
+@click.option("--reveal-state", is_flag=True, help="Also print the (decrypted) state.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def show_cmd(ops: _Ops, key: str, reveal_state: bool, as_json: bool) -> None:
+    """Show one suspension: status, prompt, times, task and chain, last checkpoint."""
+    with _errors():
+        s = ops.hub.load(key)
+    doc = _summary(s)
+    md = s.metadata
+    doc["root_id"] = md.get("root_id")
+    doc["chain"] = md.get("chain_tasks") or []
+    doc["on_timeout"] = md.get("on_timeout")
+    if md.get("kind") == "task" and md.get("task_id"):
+        from .task import journal_name
+
+        record = ops.hub.checkpoint_record(journal_name(str(md["task_id"])))
+        if record is not None:
+            doc["last_checkpoint_at"] = record.metadata.get("checkpoint_at")
+            doc["worker"] = record.metadata.get("worker")
+    if reveal_state:
+        doc["state"] = s.state
+    if as_json:
+        _echo_json(doc)
+        return
+    for name, value in doc.items():
+        if name == "state":
+            value = json.dumps(value, default=str)
+        click.echo(f"{name + ':':<20} {value if value not in (None, []) else '-'}")
+
+
+@click.command("cancel")
+@click.argument("key")
+@click.pass_obj
+def cancel_cmd(ops: _Ops, key: str) -> None:
+    """Cancel a suspension (its parked task becomes REVOKED)."""
+    with _errors():
+        s = ops.persist.cancel(key) if ops.persist else ops.hub.cancel(key)
+    click.echo(f"cancelled suspension {s.fingerprint}")
+
+
+@click.command("cleanup")
+@click.option("--dry-run", is_flag=True, help="Only count what is due.")
+@click.pass_obj
+def cleanup_cmd(ops: _Ops, dry_run: bool) -> None:
+    """Apply timeouts, re-open lapsed leases and prune expired records."""
+    with _errors():
+        if dry_run:
+            due = ops.hub.store.due(time.time(), limit=100_000)
+            counts: dict[str, int] = {}
+            for rec in due:
+                label = f"{rec.kind.value}/{rec.status.value}"
+                counts[label] = counts.get(label, 0) + 1
+            click.echo(f"{len(due)} record(s) due" + "".join(f"\n  {k}: {v}" for k, v in sorted(counts.items())))
+            return
+        if ops.persist is None:
+            raise click.UsageError(
+                "cleanup runs timeout policies (errbacks, defaults) through the Celery app: "
+                "use `celery -A proj persist cleanup`, or --dry-run here"
+            )
+        n = ops.persist.cleanup()
+    click.echo(f"cleaned up {n} record(s)")
+
+
+@click.command("stats")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def stats_cmd(ops: _Ops, as_json: bool) -> None:
+    """Counts by status, oldest suspension, store health."""
+    with _errors():
+        doc = ops.hub.stats()
+    doc["health"] = ops.hub.health()
+    if as_json:
+        _echo_json(doc)
+        return
+    for status, count in sorted(doc["suspensions"].items()):
+        click.echo(f"{status + ':':<14} {count}")
+    click.echo(f"{'checkpoints:':<14} {doc['checkpoints']}")
+    age = doc["oldest_suspended_age"]
+    click.echo(f"{'oldest:':<14} {'-' if age is None else f'{age:.0f} s'}")
+    health = doc["health"]
+    click.echo(f"{'store:':<14} {health.get('store')} ({'ok' if health.get('ok') else 'NOT OK'})")
+    click.echo(f"{'encryption:':<14} {health.get('encryption')} keys={','.join(health.get('key_ids', [])) or '-'}")
+    for warning in health.get("warnings", []):
+        click.echo(f"warning: {warning}")
+    if not health.get("ok"):
+        sys.exit(os.EX_UNAVAILABLE)
+
+
+@click.command("rotate-keys")
+@click.option("--batch", type=int, default=200, show_default=True)
+@click.pass_obj
+def rotate_keys_cmd(ops: _Ops, batch: int) -> None:
+    """Re-encrypt every record under the active key (resumable, safe while workers run)."""
+    with _errors():
+        total = sum(ops.hub.stats()["suspensions"].values()) + ops.hub.stats()["checkpoints"]
+        with click.progressbar(length=total, label="re-encrypting", file=sys.stderr) as bar:
+            counts = ops.hub.rotate_keys(batch=batch, on_record=lambda _: bar.update(1))
+    click.echo(" ".join(f"{k}={v}" for k, v in counts.items()))
+    if counts["pending"]:
+        click.echo("some records are not under the active key yet: run rotate-keys again before removing old keys", err=True)
+        sys.exit(1)
+
+
+_SHARED: tuple[click.Command, ...] = (list_cmd, show_cmd, cancel_cmd, cleanup_cmd, stats_cmd, rotate_keys_cmd)
+
+
+# -- `celery persist` ----------------------------------------------------------------------------------
+
+
+@click.group("persist")
+@click.pass_context
+def persist(ctx: click.Context) -> None:
+    """Inspect and operate celery-persist suspensions of the app (-A)."""
+    from .persist import Persist
+
+    app = getattr(ctx.obj, "app", None)
+    if app is None:
+        raise click.UsageError("run it as `celery -A proj persist ...`")
+    with _errors():
+        p = Persist.of(app)
+        ctx.obj = _Ops(p.ready(), p)
+
+
+@click.command("resume")
+@click.argument("key")
+@click.option("--input", "input_json", metavar="JSON", help="The resume input, as JSON.")
+@click.option("--input-file", type=click.Path(dir_okay=False, allow_dash=True), help="Read the JSON input from a file (- for stdin).")
+@click.pass_obj
+def resume_cmd(ops: _Ops, key: str, input_json: str | None, input_file: str | None) -> None:
+    """Resume a parked flow with an input."""
+    value = _read_input(input_json, input_file)
+    assert ops.persist is not None
+    with _errors():
+        result = ops.persist.resume(key, value)
+    click.echo(f"resumed; continuation task id {result.id}")
+
+
+for _cmd in (*_SHARED, resume_cmd):
+    persist.add_command(_cmd)
+
+
+# -- standalone `celery-persist` ------------------------------------------------------------------------
+
+
+def _option_pairs(values: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--store-option")
+        try:
+            out[name] = json.loads(raw)
+        except ValueError:
+            out[name] = raw
+    return out
+
+
+class _StoreOps(_Ops):
+    """Ops over a store named on the command line, opened on first use (``demo`` needs none)."""
+
+    def __init__(self, url: str | None, options: dict[str, Any]) -> None:
+        self._url, self._options = url, options
+        self._hub: PersistenceHub | None = None
+        self.persist = None
+
+    @property
+    def hub(self) -> PersistenceHub:
+        if self._hub is None:
+            from .hub import PersistenceHub
+            from .stores import open_store
+
+            if not self._url:
+                raise click.UsageError("name the store with --store URL (or CELERY_PERSIST_STORE_URL)")
+            with _errors():
+                store = open_store(self._url, **self._options)
+                store.setup()
+                self._hub = PersistenceHub(store)
+        return self._hub
+
+    def close(self) -> None:
+        if self._hub is not None:
+            self._hub.close()
+
+
+@click.group("celery-persist")
+@click.version_option(package_name="celery-persist")
+@click.option("--store", "store_url", envvar="CELERY_PERSIST_STORE_URL", metavar="URL", help="Store URL for the store commands.")
+@click.option("--store-option", multiple=True, metavar="NAME=VALUE", help="Store option, repeatable (e.g. prefix=shop).")
+@click.pass_context
+def main(ctx: click.Context, store_url: str | None, store_option: tuple[str, ...]) -> None:
+    """celery-persist: durable, suspendable Celery work.
+
+    `celery-persist demo` runs the embedded demo. The store commands (list,
+    show, cancel, cleanup --dry-run, stats, rotate-keys) work on --store URL
+    without a Celery app; keys come from CELERY_PERSIST_KEYS. Resuming needs
+    the app: `celery -A proj persist resume KEY`.
+    """
+    ops = _StoreOps(store_url, _option_pairs(store_option))
+    ctx.obj = ops
+    ctx.call_on_close(ops.close)
+
+
+for _cmd in _SHARED:
+    main.add_command(_cmd)
+
+
+@main.command("demo")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=".celery-persist-demo", show_default=True)
+def demo_cmd(directory: str) -> None:
+    """Park an approval flow, restart the worker, resume it: no server needed."""
+    os.environ["CELERY_PERSIST_DEMO_DIR"] = os.path.abspath(directory)
+    from . import demo
+
+    demo.run()

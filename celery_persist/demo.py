@@ -1,0 +1,169 @@
+"""``celery-persist demo``: an expense approval that survives a worker restart, with no server.
+
+Everything is embedded: the broker is kombu's filesystem transport, the
+result backend Celery's file backend, the store SQLite, all under one
+directory. The command starts a worker subprocess, parks an approval flow,
+stops the worker, shows the suspension is still in the store, starts a new
+worker, resumes the flow and prints its result.
+
+The app below is also what the worker subprocess imports (``-A
+celery_persist.demo``); ``CELERY_PERSIST_DEMO_DIR`` tells both where to keep
+their files.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, chain
+
+from .persist import Persist
+from .tasks import await_input
+
+__all__ = ["app", "run"]
+
+_DIR = Path(os.environ.get("CELERY_PERSIST_DEMO_DIR", ".celery-persist-demo")).resolve()
+
+
+def _demo_keys(base: Path) -> str:
+    """The demo's own AES key, made once and kept (mode 0600) beside its data."""
+    path = base / "demo.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(base64.b64encode(os.urandom(32)).decode("ascii"))
+    return f"demo:{path.read_text().strip()}"
+
+
+def _make_app(base: Path) -> Celery:
+    queue = base / "queue"
+    for sub in ("queue", "processed", "results", "control"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    demo = Celery("celery_persist_demo")
+    demo.conf.update(
+        broker_url="filesystem://",
+        broker_transport_options={
+            "data_folder_in": str(queue),
+            "data_folder_out": str(queue),
+            "processed_folder": str(base / "processed"),
+            "control_folder": str(base / "control"),
+            "store_processed": False,
+            "polling_interval": 0.05,
+        },
+        result_backend=f"file://{base / 'results'}",
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        persist_store_url=f"sqlite:///{base / 'persist.db'}",
+        persist_keys=_demo_keys(base),
+        persist_encryption="required",
+        # The filesystem transport has no fanout exchange for monitoring events.
+        persist_send_events=False,
+        persist_cleanup_interval=None,
+    )
+    return demo
+
+
+app = _make_app(_DIR)
+persist = Persist(app)
+
+
+@app.task(name="demo.prepare_expense")
+def prepare_expense(expense_id: int, amount: float) -> dict[str, Any]:
+    return {"expense_id": expense_id, "amount": amount, "checked": True}
+
+
+@app.task(name="demo.book_expense")
+def book_expense(decision: dict[str, Any]) -> str:
+    verdict = "booked" if decision.get("input", {}).get("approved") else "rejected"
+    expense = decision["previous"]
+    return f"expense #{expense['expense_id']} (EUR {expense['amount']:.2f}) {verdict} by {decision['input'].get('by')}"
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def _start_worker(base: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "CELERY_PERSIST_DEMO_DIR": str(base)}
+    log = open(base / "worker.log", "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "celery_persist.demo", "worker", "--pool=solo",
+         "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=INFO"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], base: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    log = base / "worker.log"
+    start = log.stat().st_size if log.exists() else 0
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the demo worker exited early; see {log}")
+        if log.exists():
+            with open(log, "rb") as fh:
+                fh.seek(start)
+                if b"ready." in fh.read():
+                    return
+        time.sleep(0.1)
+    raise RuntimeError(f"the demo worker did not start within {timeout:.0f} s; see {log}")
+
+
+def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run(base: Path | None = None) -> str:
+    """Run the demo end to end; returns the flow's result."""
+    base = (base or _DIR).resolve()
+    if base != _DIR:
+        raise RuntimeError("run the demo through `celery-persist demo --dir DIR` so the worker shares the directory")
+    started = time.monotonic()
+    _say(f"working directory: {base} (store: sqlite, broker: filesystem, results: files)")
+    _say(f"states are encrypted with AES-256-GCM (key id {persist.hub.keyring.active_id if persist.hub.keyring else '-'})")
+    worker = _start_worker(base)
+    try:
+        _wait_ready(worker, base)
+        _say("worker started")
+        flow = chain(
+            prepare_expense.s(42, 1234.5),
+            await_input.s(prompt="Approve expense #42 (EUR 1234.50)?", timeout=3600, include_previous=True),
+            book_expense.s(),
+        )
+        result = flow.apply_async()
+        key = persist.suspension_key(result, timeout=30)
+        parked = persist.load(key)
+        _say(f"flow parked: step {parked.metadata['task']} is {result.parent.state}, suspension {parked.fingerprint}")
+        _say(f"prompt: {parked.metadata['prompt']!r}; expires {parked.expires_at:%Y-%m-%d %H:%M:%S} UTC")
+        _say(f"resume key (hand it to the approver): {key}")
+    finally:
+        _stop_worker(worker)
+    _say("worker stopped; the broker holds nothing for this flow:")
+    still = persist.load(key)
+    _say(f"  store says suspension {still.fingerprint} is {still.status!r}, state intact: {still.state['previous']}")
+    worker = _start_worker(base)
+    try:
+        _wait_ready(worker, base)
+        _say("new worker started; resuming with {'approved': True, 'by': 'alice'}")
+        persist.resume(key, {"approved": True, "by": "alice"})
+        value: str = result.get(timeout=30)
+        _say(f"result: {value}")
+        _say(f"suspension is now {persist.load(key).status!r}; done in {time.monotonic() - started:.1f} s")
+        return value
+    finally:
+        _stop_worker(worker)
