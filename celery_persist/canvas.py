@@ -163,7 +163,7 @@ def continue_flow(persist: Persist, suspension: Suspension, value: Any) -> Async
     state: FlowState = suspension.state
     task_id = state["task_id"]
     if state.get("kind") == "task":
-        result = _rerun_task(persist, state, value)
+        result = _rerun_task(persist, state, value, suspension.fingerprint)
     else:
         passed = {"previous": state.get("previous"), "input": value} if state.get("include_previous") else value
         nxt = _dispatch(app, passed, state)
@@ -175,7 +175,7 @@ def continue_flow(persist: Persist, suspension: Suspension, value: Any) -> Async
     return result
 
 
-def _rerun_task(persist: Persist, state: FlowState, value: Any) -> AsyncResult:
+def _rerun_task(persist: Persist, state: FlowState, value: Any, fingerprint: str) -> AsyncResult:
     from celery import signature
 
     from .task import journal_record_input
@@ -197,7 +197,7 @@ def _rerun_task(persist: Persist, state: FlowState, value: Any) -> AsyncResult:
         options["link"] = state["callbacks"]
     if state.get("errbacks"):
         options["link_error"] = state["errbacks"]
-    _send_event(persist, "task-resumed", task_id, prompt=state.get("prompt"))
+    _send_event(persist, "task-resumed", task_id, suspension=fingerprint, prompt=state.get("prompt"))
     result: AsyncResult = sig.apply_async(**options)
     return result
 

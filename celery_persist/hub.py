@@ -34,9 +34,9 @@ from typing import Any
 from .crypto import KEY_MAGIC, SIGN_MAGIC, Keyring, Sealer, Signer
 from .errors import (
     AlreadyResumed,
-    InvalidKey,
     ConfigurationError,
     EncryptionError,
+    InvalidKey,
     PersistenceError,
     SerializationError,
     SuspensionCancelled,
@@ -152,7 +152,8 @@ class PersistenceHub:
                 "persist_encryption is 'required' but no key is configured: set CELERY_PERSIST_KEYS or CELERY_PERSIST_KEY"
             )
         self.keyring = keyring if encryption != "off" else None
-        self._sealer: Sealer | None = self.keyring or (Signer(signing_secret) if signing_secret else None)
+        signer = Signer(signing_secret) if signing_secret else None  # also checks the secret's length
+        self._sealer: Sealer | None = self.keyring or signer
         if self.serializer.unsafe_codec and self._sealer is None:
             raise ConfigurationError(
                 f"the {self.serializer.codec} codec needs an encryption key or a signing secret, "
@@ -223,8 +224,10 @@ class PersistenceHub:
         """Validate ``key`` (no store access) and return its fingerprint; audit a refusal."""
         try:
             validate_key(key, self._secret)
-        except InvalidKey:
-            self._audit(action, fingerprint(key) if isinstance(key, str) else "-", "denied:InvalidKey")
+        except InvalidKey as exc:
+            # Like every hub error, name the store and (a hash of) the candidate, never the key.
+            exc.key, exc.store = (fingerprint(key) if isinstance(key, str) else None), self.store.name
+            self._audit(action, exc.key or "-", "denied:InvalidKey")
             raise
         return fingerprint(key)
 
@@ -270,7 +273,7 @@ class PersistenceHub:
         if key is None:
             key = new_suspension_key(self._secret)
         else:
-            validate_key(key, self._secret)
+            self._check_key(key, "suspend")
         ttl = self.default_ttl if ttl is None else ttl
         now = self.clock()
         expires = now + ttl if ttl else None
@@ -295,7 +298,7 @@ class PersistenceHub:
         try:
             aad = self._aad(kh, kind, md)
         except (TypeError, ValueError) as exc:
-            raise SerializationError(f"metadata must be JSON-serializable: {type(exc).__name__}", key=fp) from None
+            raise SerializationError(f"metadata must be JSON-serializable: {type(exc).__name__}", key=fp, store=self.store.name) from None
         try:
             plain = self.serializer.dumps(state)
         except PersistenceError as exc:
@@ -311,8 +314,7 @@ class PersistenceHub:
             SuspensionNotFound: No such suspension.
             IntegrityError, EncryptionError: The stored blob does not authenticate.
         """
-        validate_key(key, self._secret)
-        fp = fingerprint(key)
+        fp = self._check_key(key, "load")
         rec = self._get(key, fp)
         return self._view(rec, key, state=self._open_record(rec, fp), now=self.clock())
 
@@ -371,7 +373,7 @@ class PersistenceHub:
 
     def complete(self, key: str) -> None:
         """Mark a claimed suspension ``resumed`` (its continuation is on its way)."""
-        fp = fingerprint(key)
+        fp = self._check_key(key, "resume")
         now = self.clock()
         if not self.store.transition(key_hash(key), {Status.CLAIMED}, Status.RESUMED, due_at=now + self.retention, now=now):
             raise AlreadyResumed("this suspension is not claimed (its lease lapsed and was re-opened?)", key=fp, store=self.store.name)
@@ -379,7 +381,7 @@ class PersistenceHub:
 
     def release(self, key: str) -> None:
         """Give a claim back: the suspension can be resumed again."""
-        fp = fingerprint(key)
+        fp = self._check_key(key, "release")
         now = self.clock()
         rec = self.store.get(key_hash(key))
         due = rec.expires_at if rec is not None else None
@@ -452,9 +454,13 @@ class PersistenceHub:
         Returns:
             A :class:`Page` of :class:`Suspension` with ``.next_cursor`` (None at the end).
         """
-        st = Status(status) if status is not None else None
+        try:
+            st = Status(status) if status is not None else None
+        except ValueError:
+            raise ConfigurationError(f"unknown status {status!r}; one of {[s.value for s in Status]}") from None
         page = self.store.scan(kind=Kind.SUSPENSION, status=st, limit=limit, cursor=cursor)
-        return Page([self._view(r, None) for r in page.items], page.next_cursor)
+        now = self.clock()
+        return Page([self._view(r, None, now=now) for r in page.items], page.next_cursor)
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -511,7 +517,9 @@ class PersistenceHub:
             for rec in records:
                 progressed += self._cleanup_one(rec, now, on_expired, retry_after)
             done += progressed
-            if len(records) < batch or not progressed:
+            # Keep going while something moved: a lapsed lease that is also past its expiry is
+            # re-opened in one pass and expired in the next, within the same run.
+            if not records or not progressed:
                 return done
 
     def _cleanup_one(
@@ -582,8 +590,7 @@ class PersistenceHub:
         return counts
 
     def _rotate_one(self, rec: StoredRecord, active: str) -> str:
-        assert self.keyring is not None
-        if bytes(rec.blob[:3]) != KEY_MAGIC:
+        if self.keyring is None or bytes(rec.blob[:3]) != KEY_MAGIC:
             return "plaintext"
         try:
             if self.keyring.key_id_of(rec.blob) == active:

@@ -1,8 +1,8 @@
 """``open_store(url, **options)``: pick the store class from the URL scheme.
 
-Lookup order: the whole scheme (``mongodb+srv``, ``postgresql+psycopg``), then
-the part before ``+``, then the ``celery_persist.stores`` entry point group (for
-third-party stores). The table maps schemes to ``"module:Class"`` strings so a
+Lookup order: the whole scheme (``mongodb+srv``, ``postgresql+psycopg``) in the
+table, then in the ``celery_persist.stores`` entry point group (third-party
+stores), then the part before ``+`` in the table. The table maps schemes to ``"module:Class"`` strings so a
 driver is imported only when its store is opened, and nothing registers at
 import time. The URL is handed to the store (and its driver) unchanged.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
@@ -52,20 +53,23 @@ ENTRY_POINT_GROUP = "celery_persist.stores"
 
 
 def _resolve(scheme: str) -> str | None:
-    target = STORES.get(scheme) or STORES.get(scheme.partition("+")[0])
+    # Whole scheme first, in our table then in third-party entry points, so a plugin's
+    # "redis+cluster" is not shadowed by our "redis"; the part before "+" last.
+    target = STORES.get(scheme)
     if target:
         return target
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == scheme:
-            return ep.value
-    return None
+            return str(ep.value)
+    return STORES.get(scheme.partition("+")[0])
 
 
 def store_class(url: str) -> type[BaseStore]:
     """The store class for ``url`` (imports its module, not its driver)."""
     scheme, sep, _ = url.partition("://")
     if not sep or not scheme:
-        raise ConfigurationError(f"store URL {mask_url(url)!r} has no scheme (expected e.g. 'sqlite:///persist.db')")
+        # Not echoed: without a scheme mask_url cannot find a password in it.
+        raise ConfigurationError("store URL has no scheme (expected e.g. 'sqlite:///persist.db')")
     scheme = scheme.lower()
     target = _resolve(scheme)
     if target is None:
@@ -92,4 +96,9 @@ def open_store(url: str, **options: Any) -> BaseStore:
             message names the extra to install).
     """
     factory: Callable[..., BaseStore] = store_class(url)
+    try:
+        inspect.signature(factory).bind(url, **options)
+    except TypeError as exc:
+        # Checked before the call, so a TypeError raised inside a store is not mistaken for a bad option.
+        raise ConfigurationError(f"bad options for the {url.partition('://')[0]!r} store: {exc}") from None
     return factory(url, **options)

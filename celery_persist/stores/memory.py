@@ -17,9 +17,15 @@ import threading
 from collections.abc import Collection
 from typing import ClassVar
 
-from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep
+from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep, dump_metadata, load_metadata
 
 __all__ = ["MemoryStore"]
+
+def _detached(rec: StoredRecord) -> StoredRecord:
+    # Real stores keep metadata as JSON text. Copy it in and out the same way, so a caller
+    # mutating a dict it passed in or got back cannot change (and un-authenticate) a record.
+    return rec.replace(metadata=load_metadata(dump_metadata(rec.metadata)))
+
 
 class _Shelf:
     """Records, their lock and the due-heap: what stores of one name share."""
@@ -58,13 +64,15 @@ class MemoryStore(BaseStore):
             heapq.heappush(self._heap, (rec.due_at, rec.key_hash))
 
     def put(self, record: StoredRecord) -> None:
+        record = _detached(record)
         with self._lock:
             self._records[record.key_hash] = record
             self._index(record)
 
     def get(self, key_hash: str) -> StoredRecord | None:
         with self._lock:
-            return self._records.get(key_hash)
+            rec = self._records.get(key_hash)
+        return None if rec is None else _detached(rec)
 
     def delete(self, key_hash: str) -> bool:
         with self._lock:
@@ -114,7 +122,7 @@ class MemoryStore(BaseStore):
                 rec = self._records[kh]
                 last = kh
                 if (kind is None or rec.kind == kind) and (status is None or rec.status == status):
-                    items.append(rec if with_blob else rec.replace(blob=b""))
+                    items.append(_detached(rec if with_blob else rec.replace(blob=b"")))
                     if len(items) >= limit:
                         break
             more = last is not None and bisect.bisect_right(keys, last) < len(keys)
@@ -133,7 +141,7 @@ class MemoryStore(BaseStore):
                     continue
                 seen.add(entry[1])
                 popped.append(entry)
-                out.append(rec)
+                out.append(_detached(rec))
             for entry in popped:  # still due until the caller moves or deletes them
                 heapq.heappush(self._heap, entry)
             return out

@@ -1,0 +1,1 @@
+"""Unit tests of the library layer (no Celery, no services)."""

@@ -1,0 +1,399 @@
+"""Codecs (json with cycles and tags, pickle, dill) and compressions (none, gzip, zstd)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import gc
+import sys
+import uuid
+import zlib
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import zstandard
+
+from celery_persist import codecs
+from celery_persist.codecs import (
+    CODEC_IDS,
+    CODECS,
+    COMPRESSION_IDS,
+    COMPRESSIONS,
+    DillCodec,
+    GzipCompression,
+    JsonCodec,
+    NoCompression,
+    PickleCodec,
+    ZstdCompression,
+    get_codec,
+    get_compression,
+    zstd_available,
+)
+from celery_persist.errors import ConfigurationError, IntegrityError, SerializationError
+
+from ._helpers import assert_same
+
+json_codec = JsonCodec()
+UTC = dt.timezone.utc
+IST = dt.timezone(dt.timedelta(hours=5, minutes=30))
+WHEN = dt.datetime(2024, 1, 2, 3, 4, 5, 6)
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+class Point:
+    """Module-level, so pickle can find it."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Point) and other.x == self.x
+
+
+def rt(obj: Any) -> Any:
+    return json_codec.loads(json_codec.dumps(obj))
+
+
+# -- json: tagged values ------------------------------------------------------------------------
+
+TAGGED_VALUES = {
+    "datetime naive": WHEN,
+    "datetime utc": dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC),
+    "datetime +05:30": dt.datetime(2024, 1, 2, 3, 4, 5, 999999, tzinfo=IST),
+    "datetime min": dt.datetime.min,
+    "date": dt.date(1970, 1, 1),
+    "time": dt.time(23, 59, 59, 1),
+    "time aware": dt.time(1, 2, tzinfo=IST),
+    "timedelta": dt.timedelta(days=-2, seconds=5, microseconds=7),
+    "timedelta zero": dt.timedelta(0),
+    "bytes": bytes(range(256)),
+    "bytes empty": b"",
+    "bytearray": bytearray(b"\x00mutable\xff"),
+    "tuple": (1, "a", None),
+    "tuple empty": (),
+    "tuple nested": ((1, 2), [3, (4,)]),
+    "set": {1, 2, 3},
+    "set empty": set(),
+    "set of tuples": {(1, 2), (3, 4)},
+    "frozenset": frozenset({"a", "b"}),
+    "frozenset nested": frozenset({frozenset({1}), 2}),
+    "decimal": Decimal("1.10"),
+    "decimal exp": Decimal("-1E+400"),
+    "decimal nan": Decimal("NaN"),
+    "uuid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    "big int": 2**64,
+    "big negative": -(2**63) - 1,
+    "huge int": 10**400,
+    "nan": float("nan"),
+    "inf": float("inf"),
+    "-inf": float("-inf"),
+    "int keys": {1: "a", 2: "b"},
+    "mixed keys": {1: "a", "b": 2, None: 3, 1.5: 4, (1, 2): 5, frozenset({9}): 6, False: 7},
+    "dt key": {dt.date(2024, 1, 1): "new year"},
+    "cp key": {"$cp": "dt", "v": "2024-01-01"},
+    "cp key ref": {"$cp": "ref", "id": 0},
+    "cp key nested": {"outer": [{"$cp": "t", "v": [1]}]},
+    "cp and int keys": {"$cp": 1, 2: 3},
+}
+
+
+@pytest.mark.parametrize("value", list(TAGGED_VALUES.values()), ids=list(TAGGED_VALUES))
+def test_json_round_trips_exact_types(value: Any) -> None:
+    # Wrapped with a datetime so the tagged path is used and every type is kept.
+    state = {"value": value, "list": [value], "anchor": WHEN}
+    blob = json_codec.dumps(state)
+    assert blob[:1] == b"T"
+    assert_same(json_codec.loads(blob), state)
+
+
+def test_dicts_with_the_tag_key_never_decode_as_tags() -> None:
+    for state in ({"$cp": "dt", "v": "2024-01-01"}, {"$cp": "def", "id": 0, "v": []}, {"x": {"$cp": "b", "v": "AA=="}}):
+        assert_same(rt(state), state)  # fast path
+        tagged = {"s": state, "anchor": WHEN}
+        assert_same(rt(tagged), tagged)
+
+
+@pytest.mark.parametrize("value", [2**64 - 1, -(2**63), 0, -1, 1.5, -0.0, 1e308, 5e-324, "", "\u2713\x00"])
+def test_json_boundaries_on_the_fast_path(value: Any) -> None:
+    blob = json_codec.dumps([value])
+    assert blob[:1] == b"P"
+    assert_same(json_codec.loads(blob), [value])
+
+
+@pytest.mark.parametrize(("value", "form"), [(2**64, b"T"), (-(2**63) - 1, b"T"), (2**64 - 1, b"P"), (-(2**63), b"P")])
+def test_big_int_boundary_chooses_the_path(value: int, form: bytes) -> None:
+    assert json_codec.dumps({"n": value})[:1] == form
+    assert_same(rt({"n": value}), {"n": value})
+
+
+def test_fast_path_for_plain_json() -> None:
+    state = {"a": [1, 2.5, True, None, "x"], "b": {"c": {}}, "d": []}
+    blob = json_codec.dumps(state)
+    assert blob[:1] == b"P"
+    assert_same(json_codec.loads(blob), state)
+    assert json_codec.dumps([])[:1] == b"P" and json_codec.dumps(None) == b"Pnull"
+
+
+def test_fast_path_json_semantics_are_documented() -> None:
+    """The codecs docstring: with no tagged type present, the fast path keeps
+    JSON semantics: tuple -> list, UUID -> str, NaN/inf -> null, a shared
+    container -> two equal copies. The tagged path keeps them all exactly."""
+    shared = [1, 2]
+    u = uuid.UUID(int=5)
+    state = {"t": (1, 2), "u": u, "nan": float("nan"), "inf": float("inf"), "a": shared, "b": shared}
+    blob = json_codec.dumps(state)
+    assert blob[:1] == b"P"
+    back = json_codec.loads(blob)
+    assert back == {"t": [1, 2], "u": str(u), "nan": None, "inf": None, "a": [1, 2], "b": [1, 2]}
+    assert back["a"] is not back["b"]
+
+    tagged = dict(state, anchor=WHEN)  # one tagged type anywhere switches the whole state
+    back = rt(tagged)
+    assert_same(back, tagged)
+    assert back["a"] is back["b"]
+
+
+def test_enums_encode_as_their_value_on_both_paths() -> None:
+    # The fast path writes an Enum as its value (orjson); the tagged path must not
+    # then refuse the same state because an unrelated datetime sits next to it.
+    assert rt({"c": Color.RED, "l": Level.HIGH}) == {"c": "red", "l": 3}
+    back = rt({"c": Color.RED, "l": Level.HIGH, "when": WHEN})
+    assert back == {"c": "red", "l": 3, "when": WHEN} and type(back["l"]) is int
+
+
+# -- json: references ---------------------------------------------------------------------------
+
+
+def test_circular_dict() -> None:
+    d: dict[str, Any] = {"name": "root"}
+    d["self"] = d
+    blob = json_codec.dumps(d)
+    assert blob[:1] == b"T"
+    back = json_codec.loads(blob)
+    assert back["self"] is back and back["name"] == "root"
+
+
+def test_circular_list_and_mutual_cycles() -> None:
+    a: list[Any] = [1]
+    b: dict[str, Any] = {"a": a}
+    a.append(b)
+    a.append(a)
+    back = rt({"root": a})
+    ra = back["root"]
+    assert ra[0] == 1 and ra[1]["a"] is ra and ra[2] is ra
+    assert_same(back, {"root": a})
+
+
+def test_shared_references_keep_identity() -> None:
+    leaf = {"k": [1, 2]}
+    items = [leaf, leaf, leaf["k"]]
+    state = {"items": items, "again": items, "when": WHEN}
+    back = rt(state)
+    assert back["items"] is back["again"]
+    assert back["items"][0] is back["items"][1]
+    assert back["items"][2] is back["items"][0]["k"]
+    assert_same(back, state)
+
+
+def test_shared_empty_containers_and_shared_odd_dicts() -> None:
+    empty_list: list[Any] = []
+    empty_dict: dict[Any, Any] = {}
+    odd: dict[Any, Any] = {1: "int key"}
+    odd["me"] = odd
+    state = [empty_list, empty_list, empty_dict, empty_dict, odd, odd]
+    back = rt(state)
+    assert back[0] is back[1] and back[2] is back[3] and back[4] is back[5] and back[4]["me"] is back[4]
+    assert_same(back, state)
+
+
+def test_cycle_through_a_tuple_via_a_list() -> None:
+    holder: list[Any] = []
+    holder.append((holder, 1))
+    back = rt(holder)
+    assert back[0][0] is back and back[0][1] == 1
+
+
+def test_shared_list_inside_tuples_and_set_keys() -> None:
+    inner = [7]
+    state = {"t1": (inner,), "t2": (inner,), "keys": {(1, "a"): inner}}
+    back = rt(state)
+    assert back["t1"][0] is back["t2"][0] is back["keys"][(1, "a")]
+
+
+def test_deep_nesting_raises_serialization_error_not_recursion_error() -> None:
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(SerializationError):
+        json_codec.dumps(deep)
+
+
+def test_moderate_nesting_past_orjson_limit_round_trips() -> None:
+    deep: Any = WHEN
+    for _ in range(200):
+        deep = [deep]
+    assert rt(deep) == deep
+
+
+# -- json: refusals -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [object(), Point(1), type("S", (str,), {})("sub"), {1, object()}, lambda: 1, dt.timezone.utc])
+def test_json_refuses_unknown_types(value: Any) -> None:
+    with pytest.raises(SerializationError, match="json codec cannot encode|cannot encode"):
+        json_codec.dumps({"v": value})
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"X{}",
+        b"P{not json",
+        b"Tnot json",
+        b'T{"$cp":"nope","v":1}',
+        b'T{"$cp":"ref","id":9}',
+        b'T{"$cp":"i","v":"x"}',
+        b'T{"$cp":"t","v":5}',
+        b'T{"$cp":"m","v":[[1]]}',
+        b'T{"$cp":"dt","v":"yesterday"}',
+        b"P\xff\xfe",
+        b"T" + b"[" * 100_000,
+    ],
+)
+def test_json_garbage_payloads_raise_serialization_error(payload: bytes) -> None:
+    with pytest.raises(SerializationError):
+        json_codec.loads(payload)
+
+
+# -- pickle / dill ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", [PickleCodec(), DillCodec()], ids=["pickle", "dill"])
+def test_pickle_like_round_trips_with_cycles(codec: Any) -> None:
+    d: dict[str, Any] = {"point": Point(3), "when": WHEN, "tags": {1, 2}, "t": (1,), "dec": Decimal("1.10")}
+    d["self"] = d
+    d["shared"] = [d["tags"], d["tags"]]
+    back = codec.loads(codec.dumps(d))
+    assert back["self"] is back and back["shared"][0] is back["shared"][1] and back["point"] == Point(3)
+    assert_same(back["dec"], Decimal("1.10"))
+    assert codec.unsafe is True
+
+
+def test_dill_encodes_what_pickle_cannot() -> None:
+    fn = lambda x: x + 1  # noqa: E731
+    with pytest.raises(SerializationError, match="pickle codec cannot encode"):
+        PickleCodec().dumps(fn)
+    assert DillCodec().loads(DillCodec().dumps(fn))(1) == 2
+
+
+def test_dill_refuses_what_it_cannot_encode() -> None:
+    with pytest.raises(SerializationError, match="dill codec cannot encode"):
+        DillCodec().dumps(x for x in [])
+
+
+@pytest.mark.parametrize("codec", [PickleCodec(), DillCodec()], ids=["pickle", "dill"])
+def test_pickle_like_garbage_raises_serialization_error(codec: Any) -> None:
+    for payload in (b"", b"garbage", b"\x80\x05K", b"\x80\x05cno_such_module\nThing\n)\x81."):
+        with pytest.raises(SerializationError):
+            codec.loads(payload)
+
+
+def test_pickle_loads_restores_gc_state() -> None:
+    codec = PickleCodec()
+    blob = codec.dumps({"a": [1]})
+    assert gc.isenabled()
+    codec.loads(blob)
+    assert gc.isenabled()
+    with pytest.raises(SerializationError):
+        codec.loads(b"bad")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        codec.loads(blob)
+        assert not gc.isenabled()  # a caller that paused GC keeps it paused
+    finally:
+        gc.enable()
+
+
+def test_missing_optional_dependencies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "dill", None)
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    with pytest.raises(ConfigurationError, match=r"celery-persist\[dill\]"):
+        DillCodec()
+    with pytest.raises(ConfigurationError, match=r"celery-persist\[zstd\]"):
+        ZstdCompression()
+    assert zstd_available() is False
+
+
+# -- compressions -------------------------------------------------------------------------------
+
+DATA = b"compressible state " * 500
+
+
+@pytest.mark.parametrize("comp", [NoCompression(), GzipCompression(), ZstdCompression()], ids=["none", "gzip", "zstd"])
+def test_compression_round_trip(comp: Any) -> None:
+    for data in (b"", b"x", DATA):
+        packed = comp.compress(data, comp.default_level)
+        assert comp.decompress(packed, len(data)) == data
+    if comp.id:
+        assert len(comp.compress(DATA, comp.default_level)) < len(DATA) / 10
+
+
+@pytest.mark.parametrize("comp", [NoCompression(), GzipCompression(), ZstdCompression()], ids=["none", "gzip", "zstd"])
+def test_declared_size_must_match(comp: Any) -> None:
+    packed = comp.compress(DATA, comp.default_level)
+    for size in (0, len(DATA) - 1, len(DATA) + 1):
+        with pytest.raises(IntegrityError):
+            comp.decompress(packed, size)
+
+
+@pytest.mark.parametrize("comp", [GzipCompression(), ZstdCompression()], ids=["gzip", "zstd"])
+def test_corrupt_and_truncated_streams(comp: Any) -> None:
+    packed = comp.compress(DATA, comp.default_level)
+    for bad in (b"", b"\x00" * 20, packed[: len(packed) // 2], packed[:-1], packed[:3]):
+        with pytest.raises(IntegrityError):
+            comp.decompress(bad, len(DATA))
+
+
+def test_gzip_bomb_is_bounded() -> None:
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = c.compress(b"\0" * (8 << 20)) + c.flush()
+    with pytest.raises(IntegrityError):
+        GzipCompression().decompress(bomb, 1000)
+
+
+def test_zstd_frame_without_content_size_is_refused() -> None:
+    packed = zstandard.ZstdCompressor(write_content_size=False).compress(DATA)
+    with pytest.raises(IntegrityError):
+        ZstdCompression().decompress(packed, len(DATA))
+
+
+def test_registries_are_consistent() -> None:
+    for cid, name in CODEC_IDS.items():
+        assert CODECS[name]().id == cid and get_codec(name).name == name
+    for cid, name in COMPRESSION_IDS.items():
+        assert COMPRESSIONS[name]().id == cid and get_compression(name).name == name
+    assert get_codec("json") is get_codec("json")
+    assert get_compression("gzip") is get_compression("gzip")
+    assert zstd_available() is True
+
+
+def test_unknown_names() -> None:
+    with pytest.raises(ConfigurationError, match="unknown codec 'yaml'"):
+        get_codec("yaml")
+    with pytest.raises(ConfigurationError, match="unknown compression 'lz4'"):
+        get_compression("lz4")
+
+
+def test_unsafe_flags() -> None:
+    assert {name: get_codec(name).unsafe for name in CODECS} == {"json": False, "pickle": True, "dill": True}
+    assert codecs.JsonCodec.unsafe is False

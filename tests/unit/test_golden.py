@@ -1,0 +1,153 @@
+"""Golden blobs: every format version ever written must stay readable.
+
+``tests/data/v<N>/*.bin`` were written by the release that introduced format
+version N (see ``scripts/make-golden-blobs``); each has a ``.json`` sidecar
+with the value it must decode to. Never regenerate an old version's files:
+add a directory for a new version instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from celery_persist.crypto import Keyring
+from celery_persist.errors import EncryptionError
+from celery_persist.hub import PersistenceHub
+from celery_persist.keys import key_hash
+from celery_persist.serializer import FORMAT_VERSION, StateSerializer
+from celery_persist.stores.base import Kind, Status, StoredRecord
+from celery_persist.stores.memory import MemoryStore
+
+from ._helpers import FakeClock, assert_same
+
+# Public test data, repeated in scripts/make-golden-blobs.
+GOLDEN_KEY_ID = "golden-2026"
+GOLDEN_KEY = bytes(range(32))
+GOLDEN_SECRET = "golden-signing-secret-0123456789"
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+SIDECARS = sorted(DATA.glob("v*/*.json"))
+
+
+def _meta(path: Path) -> dict[str, Any]:
+    return dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+ENVELOPES = [p for p in SIDECARS if _meta(p)["kind"] == "envelope"]
+RECORDS = [p for p in SIDECARS if _meta(p)["kind"] == "hub_record"]
+# Uncompressed json blobs of the current version: their bytes depend on our code alone
+# (compressed and pickled bytes also depend on library versions).
+STABLE = [
+    p for p in ENVELOPES if (_meta(p)["codec"], _meta(p)["compression"], _meta(p)["format_version"]) == ("json", "none", FORMAT_VERSION)
+]
+
+_NAMES: dict[str, Any] = {"datetime": datetime, "Decimal": Decimal, "UUID": UUID, "nan": float("nan"), "inf": float("inf")}
+_BUILTINS = {"__builtins__": {"set": set, "frozenset": frozenset, "bytearray": bytearray}}
+
+
+def expected_value(sidecar: dict[str, Any]) -> Any:
+    if "expected" in sidecar:
+        return sidecar["expected"]
+    value = eval(sidecar["expected_repr"], dict(_BUILTINS), dict(_NAMES))  # noqa: S307 - repo test data
+    for container_path, key, target_path in sidecar.get("links", []):
+        container, target = value, value
+        for step in container_path:
+            container = container[step]
+        for step in target_path:
+            target = target[step]
+        container[key] = target
+    return value
+
+
+def _load(path: Path) -> tuple[bytes, dict[str, Any]]:
+    sidecar = json.loads(path.read_text(encoding="utf-8"))
+    blob = path.with_suffix(".bin").read_bytes()
+    assert hashlib.sha256(blob).hexdigest() == sidecar["sha256"], f"{path.name}: blob changed on disk"
+    return blob, sidecar
+
+
+def test_there_are_golden_blobs_for_the_current_format_version() -> None:
+    current = {p.stem for p in (DATA / f"v{FORMAT_VERSION}").glob("*.bin")}
+    expected = {f"{c}_{z}" for c in ("json_fast", "pickle") for z in ("none", "gzip", "zstd")}
+    assert expected <= current, "run scripts/make-golden-blobs for the new format version"
+    assert {"json_tagged_none", "json_tagged_cycle_none", "dill_none", "hub_record_aesgcm", "hub_record_hmac"} <= current
+    for p in SIDECARS:
+        assert p.with_suffix(".bin").exists(), p
+
+
+@pytest.mark.parametrize("path", ENVELOPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_golden_envelope_loads(path: Path) -> None:
+    blob, sidecar = _load(path)
+    assert blob[2] == sidecar["format_version"] == int(path.parent.name[1:])
+    assert (blob[7], blob[8]) == (sidecar["codec_id"], sidecar["compression_id"])
+    # Any reader configuration reads any blob: the envelope says how it was written.
+    reader = StateSerializer("json", "none", max_size=1 << 20)
+    value = reader.loads(blob, trusted=sidecar["trusted"])
+    assert_same(value, expected_value(sidecar))
+
+
+@pytest.mark.parametrize("path", STABLE, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_current_writer_still_produces_the_golden_bytes(path: Path) -> None:
+    """Detects an unintended change of the bytes written under the current version."""
+    blob, sidecar = _load(path)
+    again = StateSerializer("json", "none").dumps(expected_value(sidecar))
+    assert again == blob, "the json writer changed: bump FORMAT_VERSION or keep the bytes stable"
+
+
+def _golden_hub(blob: bytes, sidecar: dict[str, Any], *, keyring: Keyring | None = None) -> PersistenceHub:
+    """A hub over a memory store holding the golden record exactly as the sidecar describes it."""
+    store = MemoryStore()
+    store.put(
+        StoredRecord(
+            key_hash=sidecar["key_hash"],
+            kind=Kind(sidecar["record_kind"]),
+            status=Status(sidecar["status"]),
+            blob=blob,
+            metadata=sidecar["metadata"],
+            created_at=sidecar["created_at"],
+            expires_at=sidecar["expires_at"],
+            due_at=sidecar["due_at"],
+            updated_at=sidecar["updated_at"],
+        )
+    )
+    encrypted = sidecar["sealing"] == "aes-256-gcm"
+    if keyring is None and encrypted:
+        keyring = Keyring([(GOLDEN_KEY_ID, GOLDEN_KEY)])
+    return PersistenceHub(
+        store,
+        keyring=keyring,
+        signing_secret=GOLDEN_SECRET,
+        encryption="auto" if encrypted else "off",
+        serializer=StateSerializer(sidecar["codec"]),
+        clock=FakeClock(sidecar["created_at"] + 1),
+    )
+
+
+@pytest.mark.parametrize("path", RECORDS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_golden_hub_record_opens(path: Path) -> None:
+    blob, sidecar = _load(path)
+    hub = _golden_hub(blob, sidecar)
+    key = sidecar["key"]
+    assert key_hash(key) == sidecar["key_hash"]
+    loaded = hub.load(key)
+    assert_same(loaded.state, expected_value(sidecar))
+    assert dict(loaded.metadata) == sidecar["metadata"] and loaded.status == "suspended"
+    assert loaded.created_at == datetime.datetime.fromtimestamp(sidecar["created_at"], tz=datetime.timezone.utc)
+    resumed = hub.resume(key, input={"approved": True})
+    assert resumed.status == "resumed" and resumed.input == {"approved": True}
+
+
+def test_golden_encrypted_record_needs_its_key() -> None:
+    path = next(p for p in RECORDS if "aesgcm" in p.stem)
+    blob, sidecar = _load(path)
+    with pytest.raises(EncryptionError):
+        _golden_hub(blob, sidecar, keyring=Keyring([(GOLDEN_KEY_ID, bytes(32))])).load(sidecar["key"])
+

@@ -1,0 +1,230 @@
+"""memory:// against the store contract of base.py (it is the reference implementation)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from celery_persist.stores.base import KEEP, TERMINAL, BaseStore, Kind, Page, Status, StoredRecord, dump_metadata, load_metadata
+from celery_persist.stores.memory import MemoryStore
+
+
+def rec(kh: str, *, status: Status = Status.SUSPENDED, kind: Kind = Kind.SUSPENSION, due: float | None = None, **kw: Any) -> StoredRecord:
+    return StoredRecord(kh, kind, status, kw.pop("blob", b"blob-" + kh.encode()), kw.pop("metadata", {"k": kh}), 1.0, due, due, 1.0)
+
+
+def hx(i: int) -> str:
+    return f"{i:064x}"
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+def test_put_get_delete_upsert(store: MemoryStore) -> None:
+    assert store.get(hx(1)) is None
+    store.put(rec(hx(1)))
+    got = store.get(hx(1))
+    assert got == rec(hx(1))
+    store.put(rec(hx(1), blob=b"new", metadata={"v": 2}))
+    got = store.get(hx(1))
+    assert got is not None and got.blob == b"new" and dict(got.metadata) == {"v": 2}
+    assert store.delete(hx(1)) is True and store.delete(hx(1)) is False and store.get(hx(1)) is None
+
+
+def test_put_many(store: MemoryStore) -> None:
+    store.put_many(rec(hx(i)) for i in range(5))
+    assert [r.key_hash for r in store.scan().items] == [hx(i) for i in range(5)]
+
+
+def test_times_and_metadata_round_trip_exactly(store: MemoryStore) -> None:
+    md = {"f": 0.1, "big": 2**53 + 1, "s": "\u2713", "n": None, "nested": {"l": [1.5, True]}}
+    r = StoredRecord(hx(1), Kind.CHECKPOINT, Status.ACTIVE, b"\x00" * 10, md, 1.0000000000000002, 1e10 + 0.1, 3.3, 4.4)
+    store.put(r)
+    assert store.get(hx(1)) == r
+
+
+def test_metadata_is_not_shared_with_callers(store: MemoryStore) -> None:
+    md: dict[str, Any] = {"tags": ["a"], "inner": {"x": 1}}
+    store.put(rec(hx(1), metadata=md))
+    md["tags"].append("mutated by the caller after put")
+    md["inner"]["x"] = 2
+    got = store.get(hx(1))
+    assert got is not None and dict(got.metadata) == {"tags": ["a"], "inner": {"x": 1}}
+    got.metadata["tags"].append("mutated by a reader")  # type: ignore[index]
+    for view in (store.get(hx(1)), store.scan(with_blob=True).items[0]):
+        assert view is not None and dict(view.metadata) == {"tags": ["a"], "inner": {"x": 1}}
+
+
+def test_metadata_comes_back_as_json_would(store: MemoryStore) -> None:
+    # Like every real store (JSON text): tuples become lists, keys become strings.
+    store.put(rec(hx(1), metadata={"t": (1, 2), "d": {1: "one"}}))
+    got = store.get(hx(1))
+    assert got is not None and dict(got.metadata) == {"t": [1, 2], "d": {"1": "one"}}
+    assert dump_metadata(got.metadata) == dump_metadata({"t": (1, 2), "d": {1: "one"}})
+
+
+def test_transition_is_compare_and_set(store: MemoryStore) -> None:
+    store.put(rec(hx(1), due=50.0))
+    assert store.transition(hx(1), {Status.CLAIMED}, Status.RESUMED, now=2.0) is False
+    assert store.transition(hx(2), {Status.SUSPENDED}, Status.CLAIMED, now=2.0) is False  # missing
+    assert store.transition(hx(1), {Status.SUSPENDED, Status.CLAIMED}, Status.CLAIMED, due_at=60.0, now=2.0) is True
+    got = store.get(hx(1))
+    assert got is not None and (got.status, got.due_at, got.updated_at, got.expires_at) == (Status.CLAIMED, 60.0, 2.0, 50.0)
+    assert store.transition(hx(1), {Status.CLAIMED}, Status.SUSPENDED, now=3.0) is True  # KEEP by default
+    assert store.get(hx(1)).due_at == 60.0  # type: ignore[union-attr]
+    assert store.transition(hx(1), {Status.SUSPENDED}, Status.CANCELLED, due_at=None, now=4.0) is True
+    assert store.get(hx(1)).due_at is None  # type: ignore[union-attr]
+    assert store.transition(hx(1), {Status.SUSPENDED}, Status.CLAIMED, due_at=KEEP, now=5.0) is False
+
+
+def test_transition_is_atomic_between_threads(store: MemoryStore) -> None:
+    store.put(rec(hx(1)))
+    barrier = threading.Barrier(16)
+    wins: list[bool] = []
+
+    def claim() -> None:
+        barrier.wait()
+        wins.append(store.transition(hx(1), {Status.SUSPENDED}, Status.CLAIMED, now=1.0))
+
+    threads = [threading.Thread(target=claim) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert sorted(wins) == [False] * 15 + [True]
+
+
+def test_replace_blob(store: MemoryStore) -> None:
+    store.put(rec(hx(1), blob=b"old", due=9.0))
+    assert store.replace_blob(hx(1), b"other", b"new", now=2.0) is False
+    assert store.replace_blob(hx(2), b"old", b"new", now=2.0) is False
+    assert store.replace_blob(hx(1), b"old", b"new", now=2.0) is True
+    got = store.get(hx(1))
+    assert got is not None and (got.blob, got.updated_at, got.due_at, got.status) == (b"new", 2.0, 9.0, Status.SUSPENDED)
+
+
+def test_base_replace_blob_default() -> None:
+    class Plain(MemoryStore):
+        replace_blob = BaseStore.replace_blob
+
+    s = Plain()
+    s.put(rec(hx(1), blob=b"old"))
+    assert s.replace_blob(hx(1), b"x", b"new", now=2.0) is False
+    assert s.replace_blob(hx(9), b"old", b"new", now=2.0) is False
+    assert s.replace_blob(hx(1), b"old", b"new", now=2.0) is True
+    assert s.get(hx(1)).blob == b"new"  # type: ignore[union-attr]
+
+
+def test_scan_pages_in_key_hash_order(store: MemoryStore) -> None:
+    order = [7, 3, 9, 1, 5, 2, 8]
+    for i in order:
+        store.put(rec(hx(i), status=Status.CANCELLED if i % 2 == 0 else Status.SUSPENDED))
+    store.put(rec(hx(4), kind=Kind.CHECKPOINT, status=Status.ACTIVE))
+    p1 = store.scan(limit=3)
+    assert [r.key_hash for r in p1.items] == [hx(1), hx(2), hx(3)] and p1.next_cursor == hx(3)
+    assert all(r.blob == b"" for r in p1.items)
+    p2 = store.scan(limit=3, cursor=p1.next_cursor)
+    assert [r.key_hash for r in p2.items] == [hx(4), hx(5), hx(7)] and p2.next_cursor == hx(7)
+    p3 = store.scan(limit=3, cursor=p2.next_cursor)
+    assert [r.key_hash for r in p3.items] == [hx(8), hx(9)] and p3.next_cursor is None
+    exact = store.scan(limit=8)
+    assert len(exact.items) == 8 and exact.next_cursor is None  # full page, nothing after it
+    assert [r.key_hash for r in store.scan(kind=Kind.CHECKPOINT).items] == [hx(4)]
+    assert [r.key_hash for r in store.scan(status=Status.CANCELLED).items] == [hx(2), hx(8)]
+    assert [r.key_hash for r in store.scan(kind=Kind.SUSPENSION, status=Status.SUSPENDED, limit=2).items] == [hx(1), hx(3)]
+    assert store.scan(with_blob=True, limit=1).items[0].blob == b"blob-" + hx(1).encode()
+    # A cursor that is not a stored key still means "strictly after".
+    assert [r.key_hash for r in store.scan(cursor=hx(6)).items][:1] == [hx(7)]
+    assert store.scan(cursor=hx(9)).items == [] and store.scan(cursor=hx(9)).next_cursor is None
+
+
+def test_scan_with_filters_walks_everything(store: MemoryStore) -> None:
+    for i in range(20):
+        store.put(rec(hx(i), status=Status.RESUMED if i in (3, 17) else Status.SUSPENDED))
+    found, cursor = [], None
+    while True:
+        page = store.scan(status=Status.RESUMED, limit=1, cursor=cursor)
+        found += [r.key_hash for r in page.items]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert found == [hx(3), hx(17)]
+
+
+def test_due_earliest_first_with_limit(store: MemoryStore) -> None:
+    for i, due in enumerate([30.0, 10.0, None, 20.0, 40.0]):
+        store.put(rec(hx(i), due=due))
+    assert [r.key_hash for r in store.due(25.0)] == [hx(1), hx(3)]
+    assert [r.key_hash for r in store.due(100.0, limit=2)] == [hx(1), hx(3)]
+    assert [r.due_at for r in store.due(100.0)] == [10.0, 20.0, 30.0, 40.0]
+    assert store.due(5.0) == []
+    assert all(r.blob for r in store.due(100.0))  # due() returns blobs
+    assert len(store.due(100.0)) == 4  # reading does not consume
+
+
+def test_due_follows_changes(store: MemoryStore) -> None:
+    store.put(rec(hx(1), due=10.0))
+    store.put(rec(hx(2), due=20.0))
+    store.put(rec(hx(3), due=30.0))
+    store.transition(hx(1), {Status.SUSPENDED}, Status.CLAIMED, due_at=50.0, now=1.0)  # moved later
+    store.delete(hx(2))
+    store.put(rec(hx(3), due=None))  # no longer due
+    store.put(rec(hx(4), due=15.0))
+    store.put(rec(hx(4), due=15.0))  # the same entry twice must not be returned twice
+    assert [r.key_hash for r in store.due(40.0)] == [hx(4)]
+    assert [(r.key_hash, r.status) for r in store.due(60.0)] == [(hx(4), Status.SUSPENDED), (hx(1), Status.CLAIMED)]
+    store.transition(hx(1), {Status.CLAIMED}, Status.SUSPENDED, due_at=5.0, now=2.0)  # moved earlier
+    assert [r.key_hash for r in store.due(60.0)] == [hx(1), hx(4)]
+
+
+def test_named_stores_share_and_prefixes_separate() -> None:
+    a = MemoryStore("memory://unit-shared-test")
+    b = MemoryStore("memory://unit-shared-test/")
+    c = MemoryStore("memory://unit-shared-test", prefix="other")
+    d = MemoryStore("memory://")
+    e = MemoryStore("memory://", prefix="p")
+    a.put(rec(hx(1)))
+    assert b.get(hx(1)) is not None
+    assert c.get(hx(1)) is None and d.get(hx(1)) is None and e.get(hx(1)) is None
+    assert MemoryStore().get(hx(1)) is None
+    assert a.name == "memory://unit-shared-test" and d.name == "memory://"
+    a.delete(hx(1))
+    assert b.get(hx(1)) is None
+
+
+def test_flags_health_close_and_context_manager(store: MemoryStore) -> None:
+    assert MemoryStore.schemes == ("memory",) and not MemoryStore.durable and not MemoryStore.shared_across_processes
+    assert store.health() == {"ok": True, "store": "memory://"}
+    store.setup()
+    store.setup()  # idempotent
+    with store as s:
+        s.put(rec(hx(1)))
+    assert store.get(hx(1)) is not None  # close() of memory keeps the records
+    assert repr(store) == "<MemoryStore memory://>"
+
+
+def test_health_never_raises() -> None:
+    class Down(MemoryStore):
+        def scan(self, **kwargs: Any) -> Page:
+            raise TimeoutError("no route")
+
+    assert Down().health() == {"ok": False, "store": "memory://", "error": "TimeoutError"}
+
+
+def test_base_types() -> None:
+    assert str(Status.CLAIMED) == "claimed" and str(Kind.CHECKPOINT) == "checkpoint"
+    assert Status("expired") is Status.EXPIRED and TERMINAL == {Status.RESUMED, Status.CANCELLED, Status.EXPIRED}
+    r = rec(hx(1))
+    assert r.replace(status=Status.CLAIMED).status is Status.CLAIMED and r.status is Status.SUSPENDED
+    with pytest.raises(AttributeError):
+        r.status = Status.CLAIMED  # type: ignore[misc]
+    assert Page([]).next_cursor is None
+    assert dump_metadata({"b": 1, "a": [0.1, "\u2713"]}) == '{"a":[0.1,"\u2713"],"b":1}'
+    assert load_metadata(None) == {} and load_metadata("") == {} and load_metadata(b'{"a":1}') == {"a": 1}
+    assert load_metadata("[1, 2]") == {}
+    with pytest.raises(TypeError):
+        BaseStore()  # type: ignore[abstract]
