@@ -40,6 +40,8 @@ __all__ = ["FlowState", "capture", "continue_flow", "expire_flow", "revoke_flow"
 logger = logging.getLogger(__name__)
 
 FLOW_VERSION = 1
+#: Result-backend (and Flower) state of a resumed PersistentTask until its re-run starts.
+RESUMED = "RESUMED"
 
 
 class FlowState(TypedDict, total=False):
@@ -56,6 +58,9 @@ class FlowState(TypedDict, total=False):
     parent_id: str | None
     group_id: str | None
     priority: int | None
+    exchange: str | None
+    routing_key: str | None
+    hostname: str | None
     previous: Any
     include_previous: bool
     on_timeout: str
@@ -79,6 +84,11 @@ def capture(request: Any, *, kind: str, **extra: Any) -> FlowState:
         "parent_id": request.parent_id,
         "group_id": request.group,
         "priority": delivery.get("priority"),
+        # Where the parked task was routed, so a re-run goes to the same queue
+        # rather than through the resumer's (maybe different) router.
+        "exchange": delivery.get("exchange"),
+        "routing_key": delivery.get("routing_key"),
+        "hostname": request.hostname,
     }
     state.update(extra)  # type: ignore[typeddict-item]
     return state
@@ -125,11 +135,12 @@ def request_context(app: Celery, state: FlowState, *, with_chain: bool) -> Any:
     )
 
 
-def _send_event(persist: Persist, type_: str, task_id: str, **fields: Any) -> None:
+def _send_event(persist: Persist, type_: str, task_id: str, hostname: str | None = None, **fields: Any) -> None:
     if not persist.config.send_events:
         return
     try:
-        with persist.app.events.default_dispatcher() as dispatcher:
+        # Sent as the worker that parked the task, so monitors keep it on that worker.
+        with persist.app.events.default_dispatcher(hostname=hostname) as dispatcher:
             dispatcher.send(type_, uuid=task_id, **fields)
     except Exception:  # noqa: BLE001 - monitoring must never break a resume
         logger.warning("celery-persist: could not send %s event", type_, exc_info=True)
@@ -168,8 +179,9 @@ def continue_flow(persist: Persist, suspension: Suspension, value: Any) -> Async
         passed = {"previous": state.get("previous"), "input": value} if state.get("include_previous") else value
         nxt = _dispatch(app, passed, state)
         app.backend.mark_as_done(task_id, passed, request=request_context(app, state, with_chain=False))
-        _send_event(persist, "task-resumed", task_id, suspension=suspension.fingerprint, prompt=state.get("prompt"))
-        _send_event(persist, "task-succeeded", task_id, result="<resumed>", runtime=0.0)
+        host = state.get("hostname")
+        _send_event(persist, "task-resumed", task_id, host, suspension=suspension.fingerprint, prompt=state.get("prompt"))
+        _send_event(persist, "task-succeeded", task_id, host, result="<resumed>", runtime=0.0)
         result = nxt if nxt is not None else app.AsyncResult(task_id)
     logger.info("celery-persist: resumed suspension %s (task %s)", suspension.fingerprint, task_id)
     return result
@@ -191,6 +203,9 @@ def _rerun_task(persist: Persist, state: FlowState, value: Any, fingerprint: str
         "group_id": state.get("group_id"),
         "priority": state.get("priority"),
     }
+    if state.get("exchange") is not None or state.get("routing_key"):
+        options["exchange"] = state.get("exchange")
+        options["routing_key"] = state.get("routing_key")
     if state.get("chain"):
         options["chain"] = state["chain"]
     if state.get("callbacks"):

@@ -66,7 +66,7 @@ def _make_app(base: Path) -> Celery:
         persist_store_url=f"sqlite:///{base / 'persist.db'}",
         persist_keys=_demo_keys(base),
         persist_encryption="required",
-        # The filesystem transport has no fanout exchange for monitoring events.
+        # Nothing watches events on the embedded broker; don't fill its folders with them.
         persist_send_events=False,
         persist_cleanup_interval=None,
     )

@@ -201,7 +201,7 @@ class Persist:
                 state = r.state
                 if state == SUSPENDED:
                     info = r.info
-                    if isinstance(info, dict) and info.get("suspension_key"):
+                    if isinstance(info, dict) and info.get("suspension_key") and not self._spent(str(info["suspension_key"])):
                         return str(info["suspension_key"])
                 if state not in ("SUCCESS", "FAILURE", "REVOKED"):
                     all_ready = False
@@ -210,6 +210,29 @@ class Persist:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"no step of the flow was suspended within {timeout} s")
             time.sleep(interval)
+
+    def _spent(self, key: str) -> bool:
+        """Whether ``key`` was already claimed or resumed.
+
+        A resumed PersistentTask keeps its SUSPENDED state (and the spent key) in
+        the result backend until a worker re-runs it; that key must not be handed
+        out as the task's current one.
+        """
+        from .keys import key_hash
+        from .stores.base import Status
+
+        try:
+            record = self.ready().store.get(key_hash(key))
+        except PersistenceError:
+            return False  # let resume() report the store problem
+        return record is not None and record.status in (Status.CLAIMED, Status.RESUMED)
+
+    def checkpoint_state(self, task_id: str) -> Any:
+        """The last state a PersistentTask with this id checkpointed, or None."""
+        from .task import journal_name
+
+        journal = self.ready().load_checkpoint(journal_name(task_id))
+        return journal.get("state") if isinstance(journal, dict) else None
 
     def health(self) -> dict[str, Any]:
         try:
