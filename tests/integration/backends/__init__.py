@@ -27,6 +27,9 @@ class Backend:
         available: Returns None when usable, else the reason it is not.
         ci_required: When True, unavailability fails the run under CI=true.
         cross_process: True when separate processes opening the URL share records.
+        teardown: Called with a test's store after the test to remove what it
+            wrote (drop its tables, remove its directory). None: the fixture
+            deletes the test's records with scan + delete.
     """
 
     name: str
@@ -35,6 +38,7 @@ class Backend:
     available: Callable[[], str | None] = lambda: None
     ci_required: bool = True
     cross_process: bool = True
+    teardown: Callable[[Any], None] | None = None
 
 
 def all_backends() -> list[Backend]:

@@ -1,0 +1,740 @@
+"""``file://``: records as files in a local directory, no server needed.
+
+URL: ``file:///absolute/dir`` (``file://localhost/absolute/dir`` too; relative
+paths are refused). The path is percent-decoded.
+
+Options:
+    ``prefix``: a subdirectory of the URL's directory, so two apps (or two tests)
+    can share it. One path component: letters, digits, ``.``, ``_``, ``-``.
+
+Layout under ``<dir>/<prefix>/``::
+
+    records/ab/ab12...ef      one file per record, named by its key_hash and
+                              sharded by the first two hex digits
+    due/<bucket>/<due>-<kh>   empty marker files: the due_at index
+    locks/ab                  256 striped lock files, one per shard
+
+A record file is ``b"CPR1"``, a 4-byte big-endian header length, a JSON header
+(kind, status, metadata, times, blob size) and the blob bytes. Reading a record
+reads the header, then the blob with one ``readall()`` (sized from ``fstat``),
+so a 10 MB blob is copied once, from the page cache into the returned bytes.
+
+Writes go to a temp file in the record's shard directory (``O_EXCL``, mode
+0600), are ``fsync``-ed, ``os.replace``-d over the record, and the directory is
+``fsync``-ed: a reader sees the old record or the new one, never a torn one,
+and a crash leaves at worst a stale ``.tmp-*`` file that :meth:`FileStore.setup`
+removes.
+
+Atomicity: every write of a record (put, delete, transition, replace_blob)
+holds its shard's lock, an in-process ``threading.Lock`` plus ``fcntl.flock`` on
+``locks/<shard>`` opened afresh for each operation (a fresh open file
+description, so threads and forked children never share a lock by accident).
+``transition()`` reads, checks and rewrites the record under that lock, so
+across processes exactly one caller wins. Readers take no lock: ``rename(2)``
+is atomic. A transition rewrites the whole file, but copies the blob inside
+the kernel (``copy_file_range``) instead of through Python.
+
+Due index: marker files named ``<due>-<key_hash>`` where ``<due>`` is the
+16-hex-digit order-preserving encoding of the float64 ``due_at`` (sign bit
+flipped for positives, all bits flipped for negatives), so a sorted listing is
+time order, exact for any float. Markers sit in bucket directories of
+``BUCKET_SECONDS`` named the same way, so :meth:`FileStore.due` lists only the
+bucket names and the buckets that have started, never the markers of records
+due later: cost O(buckets + due markers), not O(records). Markers are hints:
+a new marker is created (and its directory ``fsync``-ed) *before* the record
+that needs it is renamed into place, the old one removed after; ``due()``
+checks each marker against the record and removes stale ones under the shard
+lock. So a crash can leave an extra marker, never a missing one. (A sorted
+directory was chosen over an SQLite index file because it keeps one source
+of truth on one kind of storage, with the same crash rules as the records.)
+
+Safety: key hashes must be 64 lowercase hex digits (nothing can name a path
+outside the directory); record and lock files are opened with ``O_NOFOLLOW``
+and the store's own directories must not be symlinks, so a planted symlink is
+refused, not followed.
+
+Fork: the store keeps no open file or connection between calls; a child
+re-creates its in-process locks (one held by another parent thread at fork
+time would never be released in the child).
+
+Tested: ext4 on Linux. Needs ``flock`` that excludes across processes, i.e. a
+local filesystem (NFS emulates ``flock`` with POSIX locks, which do not exclude
+threads of one process; the in-process lock covers that, but NFS is untested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import io
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import stat
+import struct
+import threading
+import time
+from collections.abc import Collection, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+from urllib.parse import unquote, urlsplit
+
+from ..errors import ConfigurationError, IntegrityError, StoreUnavailable
+from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep
+
+__all__ = ["FileStore", "BUCKET_SECONDS"]
+
+#: Width of a due-index bucket directory, in seconds.
+BUCKET_SECONDS = 900.0
+
+_MAGIC = b"CPR1"
+_PREFIX = struct.Struct(">4sI")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX2 = re.compile(r"[0-9a-f]{2}")
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+_PREFIX_OPTION = re.compile(r"[A-Za-z0-9._-]+")
+_MASK64 = (1 << 64) - 1
+_SIGN = 1 << 63
+# A temp file this old belongs to a writer that died; setup() removes it.
+_STALE_TMP_SECONDS = 3600.0
+_OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_TMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# Errors that mean "the disk or the mount is in trouble", worth a retry later.
+_TRANSIENT = frozenset(
+    {
+        errno.EIO,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.ESTALE,
+        errno.EAGAIN,
+        errno.ETIMEDOUT,
+        errno.EINTR,
+        errno.ENOMEM,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.EBUSY,
+    }
+)
+
+
+def encode_time(value: float) -> str:
+    """16 hex digits whose string order is the numeric order of float64 ``value``."""
+    (bits,) = struct.unpack(">Q", struct.pack(">d", value))
+    bits = (bits ^ _MASK64) if bits & _SIGN else (bits | _SIGN)
+    return f"{bits:016x}"
+
+
+def decode_time(text: str) -> float:
+    """Inverse of :func:`encode_time`."""
+    bits = int(text, 16)
+    bits = (bits & ~_SIGN & _MASK64) if bits & _SIGN else (bits ^ _MASK64)
+    (value,) = struct.unpack(">d", struct.pack(">Q", bits))
+    return float(value)
+
+
+def _bucket(due_at: float) -> str:
+    start = math.floor(due_at / BUCKET_SECONDS) * BUCKET_SECONDS if math.isfinite(due_at) else due_at
+    return encode_time(start)
+
+
+def _fsync_all(fds: list[int]) -> None:
+    """fsync every descriptor; many at once let the filesystem commit them as one journal transaction."""
+    if len(fds) < 8:
+        for fd in fds:
+            os.fsync(fd)
+        return
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="celery-persist-fsync") as pool:
+        for _ in pool.map(os.fsync, fds):
+            pass
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, _OPEN_DIR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore(BaseStore):
+    """One file per record under a directory; see the module docstring.
+
+    Args:
+        url: ``file:///absolute/dir``.
+        prefix: Subdirectory of ``dir`` holding this store's records.
+
+    Example:
+        >>> store = open_store("file:///var/lib/celery-persist", prefix="shop")
+        >>> store.setup()
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ("file",)
+
+    def __init__(self, url: str, *, prefix: str = "") -> None:
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "file":
+            raise ConfigurationError(f"FileStore serves file:// URLs, not {parts.scheme!r}")
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigurationError(f"file store URL {url!r} names host {parts.netloc!r}: use file:///absolute/dir")
+        path = unquote(parts.path)
+        if not path.startswith("/"):
+            raise ConfigurationError(f"file store URL {url!r} needs an absolute path: file:///absolute/dir")
+        if prefix and (not _PREFIX_OPTION.fullmatch(prefix) or prefix in (".", "..")):
+            raise ConfigurationError(f"file store prefix {prefix!r} must be one path component of [A-Za-z0-9._-]")
+        self.name = url
+        self._prefix = prefix
+        self.root = os.path.join(os.path.normpath(path), prefix) if prefix else os.path.normpath(path)
+        self._records = os.path.join(self.root, "records")
+        self._due = os.path.join(self.root, "due")
+        self._locks = os.path.join(self.root, "locks")
+        self._pid = os.getpid()
+        self._thread_locks = [threading.Lock() for _ in range(256)]
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """The one place OS errors become store errors."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EMLINK):
+                raise IntegrityError("a store file or directory is a symlink; refusing to follow it", store=self.name) from exc
+            if exc.errno in _TRANSIENT:
+                raise StoreUnavailable(f"file store I/O failed: {os.strerror(exc.errno or 0)}", store=self.name) from exc
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR):
+                raise ConfigurationError(
+                    f"file store directory is not usable: {os.strerror(exc.errno or 0)}; check the path and permissions",
+                    store=self.name,
+                ) from exc
+            raise StoreUnavailable(f"file store I/O failed: {type(exc).__name__}", store=self.name) from exc
+
+    def _check_key(self, key_hash: str) -> None:
+        if not isinstance(key_hash, str) or not _HEX64.fullmatch(key_hash):
+            raise ValueError("key_hash must be 64 lowercase hex digits")
+
+    @contextlib.contextmanager
+    def _locked(self, shard: str) -> Iterator[None]:
+        if self._pid != os.getpid():
+            self._thread_locks = [threading.Lock() for _ in range(256)]
+            self._pid = os.getpid()
+        tlock = self._thread_locks[int(shard, 16)]
+        with tlock:
+            path = os.path.join(self._locks, shard)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                self._make_dirs()
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # closing the only descriptor releases the flock
+
+    def _make_dirs(self) -> None:
+        # The URL's own directory may be a symlink (the operator chose it); the
+        # directories the store creates inside it may not.
+        owned = [self._records, self._due, self._locks]
+        if self._prefix:
+            owned.insert(0, self.root)
+        created = False
+        for path in [self.root, *owned]:
+            if not os.path.isdir(path):
+                try:
+                    os.makedirs(path, mode=0o700)
+                    created = True
+                except FileExistsError:
+                    pass  # a file or dangling symlink is in the way; the check below names it
+        for path in owned:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                raise ConfigurationError(f"file store path {path!r} exists and is not a directory (symlinks are refused)", store=self.name)
+        if created:
+            _fsync_dir(self.root)
+            _fsync_dir(os.path.dirname(self.root))
+
+    def _shard_dir(self, shard: str, *, create: bool) -> int:
+        """An fd of ``records/<shard>``; raises FileNotFoundError when it is missing and not created."""
+        path = os.path.join(self._records, shard)
+        try:
+            return os.open(path, _OPEN_DIR)
+        except FileNotFoundError:
+            if not create:
+                raise
+        try:
+            try:
+                os.mkdir(path, 0o700)
+            except FileNotFoundError:
+                self._make_dirs()
+                os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        else:
+            _fsync_dir(self._records)
+        return os.open(path, _OPEN_DIR)
+
+    # -- record files -----------------------------------------------------------------------
+
+    @staticmethod
+    def _header(record: StoredRecord, blob_size: int) -> bytes:
+        header = {
+            "key_hash": record.key_hash,
+            "kind": str(record.kind),
+            "status": str(record.status),
+            "metadata": dict(record.metadata),
+            "created_at": record.created_at,
+            "expires_at": record.expires_at,
+            "due_at": record.due_at,
+            "updated_at": record.updated_at,
+            "blob_size": blob_size,
+        }
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return _PREFIX.pack(_MAGIC, len(text)) + text
+
+    def _parse(self, f: io.FileIO, key_hash: str) -> tuple[dict[str, Any], int]:
+        """Header dict and the offset of the blob."""
+        head = f.read(_PREFIX.size)
+        if head is None or len(head) != _PREFIX.size:
+            raise IntegrityError("record file is truncated", store=self.name)
+        magic, size = _PREFIX.unpack(head)
+        if magic != _MAGIC:
+            raise IntegrityError("record file has an unknown format", store=self.name)
+        text = f.read(size)
+        if text is None or len(text) != size:
+            raise IntegrityError("record file is truncated", store=self.name)
+        try:
+            header = json.loads(text)
+        except ValueError:
+            raise IntegrityError("record file header is not valid JSON", store=self.name) from None
+        if not isinstance(header, dict) or header.get("key_hash") != key_hash:
+            raise IntegrityError("record file does not belong to its name", store=self.name)
+        return header, _PREFIX.size + size
+
+    def _record(self, header: dict[str, Any], blob: bytes) -> StoredRecord:
+        try:
+            return StoredRecord(
+                key_hash=header["key_hash"],
+                kind=Kind(header["kind"]),
+                status=Status(header["status"]),
+                blob=blob,
+                metadata=header["metadata"],
+                created_at=header["created_at"],
+                expires_at=header["expires_at"],
+                due_at=header["due_at"],
+                updated_at=header["updated_at"],
+            )
+        except (KeyError, ValueError, TypeError):
+            raise IntegrityError("record file header is incomplete", store=self.name) from None
+
+    def _open_record(self, key_hash: str, dir_fd: int | None = None) -> io.FileIO | None:
+        try:
+            if dir_fd is None:
+                fd = os.open(os.path.join(self._records, key_hash[:2], key_hash), _OPEN_READ)
+            else:
+                fd = os.open(key_hash, _OPEN_READ, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        return io.FileIO(fd, "rb", closefd=True)
+
+    def _read(self, key_hash: str, *, with_blob: bool, dir_fd: int | None = None) -> StoredRecord | None:
+        f = self._open_record(key_hash, dir_fd)
+        if f is None:
+            return None
+        with f:
+            header, _ = self._parse(f, key_hash)
+            blob = b""
+            if with_blob:
+                # readall() sizes its buffer from fstat: one copy of the blob, no regrowth.
+                blob = f.readall() if header["blob_size"] else b""
+                if len(blob) != header["blob_size"]:
+                    raise IntegrityError("record blob is truncated", store=self.name)
+        return self._record(header, blob)
+
+    def _create_temp(
+        self, dir_fd: int, key_hash: str, chunks: list[bytes], copy_from: tuple[int, int, int] | None = None
+    ) -> tuple[str, int]:
+        """A new temp file in the shard holding ``chunks`` (+ ``copy_from``), not yet synced: (name, open fd).
+
+        ``copy_from`` is ``(fd, offset, count)``: bytes appended from another file inside the kernel.
+        """
+        tmp = f".tmp-{key_hash[:16]}-{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(tmp, _OPEN_TMP, 0o600, dir_fd=dir_fd)
+        try:
+            views = [memoryview(c) for c in chunks if c]
+            while views:
+                written = os.writev(fd, views)
+                while views and written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                if views and written:
+                    views[0] = views[0][written:]
+            if copy_from is not None:
+                self._copy(copy_from, fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        return tmp, fd
+
+    def _write(self, dir_fd: int, key_hash: str, chunks: list[bytes], copy_from: tuple[int, int, int] | None = None) -> str:
+        """A temp file in the shard, written and ``fsync``-ed (not yet renamed); returns its name."""
+        tmp, fd = self._create_temp(dir_fd, key_hash, chunks, copy_from)
+        try:
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        finally:
+            os.close(fd)
+        return tmp
+
+    @staticmethod
+    def _copy(source: tuple[int, int, int], dst: int) -> None:
+        src, offset, count = source
+        try:
+            while count > 0:
+                n = os.copy_file_range(src, dst, count, offset)
+                if n == 0:
+                    raise OSError(errno.EIO, "record file shrank while being copied")
+                offset += n
+                count -= n
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            while count > 0:
+                data = os.pread(src, min(count, 1 << 22), offset)
+                if not data:
+                    raise OSError(errno.EIO, "record file shrank while being copied") from None
+                os.write(dst, data)
+                offset += len(data)
+                count -= len(data)
+
+    def _commit(self, dir_fd: int, tmp: str, key_hash: str) -> None:
+        try:
+            os.replace(tmp, key_hash, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+
+    # -- due markers ------------------------------------------------------------------------
+
+    @staticmethod
+    def _marker(due_at: float, key_hash: str) -> tuple[str, str]:
+        return _bucket(due_at), f"{encode_time(due_at)}-{key_hash}"
+
+    def _add_markers(self, markers: Iterable[tuple[str, str]]) -> None:
+        """Create markers and make them durable (before the records that need them)."""
+        by_bucket: dict[str, list[str]] = {}
+        for bucket, name in markers:
+            by_bucket.setdefault(bucket, []).append(name)
+        for bucket, names in by_bucket.items():
+            path = os.path.join(self._due, bucket)
+            for _attempt in range(100):
+                try:
+                    self._add_to_bucket(path, names)
+                    break
+                except FileNotFoundError:
+                    # due() removes empty past buckets; re-create and try again.
+                    continue
+            else:
+                raise OSError(errno.EAGAIN, "due bucket keeps disappearing")
+
+    def _add_to_bucket(self, path: str, names: list[str]) -> None:
+        try:
+            dfd = os.open(path, _OPEN_DIR)
+        except FileNotFoundError:
+            try:
+                os.makedirs(self._due, mode=0o700, exist_ok=True)
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+            else:
+                _fsync_dir(self._due)
+            dfd = os.open(path, _OPEN_DIR)
+        try:
+            for name in names:
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd))
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _remove_marker(self, due_at: float | None, key_hash: str, keep: float | None) -> None:
+        if due_at is None or (keep is not None and encode_time(due_at) == encode_time(keep)):
+            return
+        bucket, name = self._marker(due_at, key_hash)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._due, bucket, name))
+
+    def _new_marker(self, old: float | None, new: float | None, key_hash: str) -> list[tuple[str, str]]:
+        if new is None or (old is not None and encode_time(old) == encode_time(new)):
+            return []
+        return [self._marker(new, key_hash)]
+
+    # -- the contract -----------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Create the directories and remove temp files left by writers that died."""
+        with self._errors():
+            self._make_dirs()
+            cutoff = time.time() - _STALE_TMP_SECONDS
+            for entry in os.scandir(self._records):
+                if not (_HEX2.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
+                    continue
+                for item in os.scandir(entry.path):
+                    if item.name.startswith(".tmp-") and item.stat(follow_symlinks=False).st_mtime < cutoff:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(item.path)
+
+    def put(self, record: StoredRecord) -> None:
+        self.put_many([record])
+
+    def put_many(self, records: Iterable[StoredRecord]) -> None:
+        """Write records in one pass: shard locks (taken in order), one sync per marker bucket,
+        the new files ``fsync``-ed in parallel, renames, then one sync per shard directory.
+
+        Other writers of those shards wait for the whole batch; callers batch in thousands.
+        """
+        batch: dict[str, StoredRecord] = {}
+        for record in records:
+            self._check_key(record.key_hash)
+            batch[record.key_hash] = record  # last one wins, as with put() in a loop
+        if not batch:
+            return
+        shards = sorted({k[:2] for k in batch})
+        with self._errors(), contextlib.ExitStack() as stack:
+            for shard in shards:
+                stack.enter_context(self._locked(shard))
+            dirs: dict[str, int] = {}
+            for shard in shards:
+                dirs[shard] = self._shard_dir(shard, create=True)
+                stack.callback(os.close, dirs[shard])
+            old: dict[str, float | None] = {}
+            for key in batch:
+                current = self._read(key, with_blob=False, dir_fd=dirs[key[:2]])
+                old[key] = current.due_at if current is not None else None
+            self._add_markers([m for key, rec in batch.items() for m in self._new_marker(old[key], rec.due_at, key)])
+            temps: list[tuple[int, str, str]] = []  # (shard dir fd, temp name, key)
+            fds: list[int] = []
+            try:
+                for key, rec in batch.items():
+                    dfd = dirs[key[:2]]
+                    name, fd = self._create_temp(dfd, key, [self._header(rec, len(rec.blob)), rec.blob])
+                    temps.append((dfd, name, key))
+                    fds.append(fd)
+                _fsync_all(fds)
+            except BaseException:
+                for dfd, name, _ in temps:
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=dfd)
+                raise
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            for i, (dfd, name, key) in enumerate(temps):
+                try:
+                    os.replace(name, key, src_dir_fd=dfd, dst_dir_fd=dfd)
+                except BaseException:
+                    for rest_dfd, rest, _ in temps[i:]:
+                        with contextlib.suppress(OSError):
+                            os.unlink(rest, dir_fd=rest_dfd)
+                    raise
+            _fsync_all(list(dirs.values()))
+            for key, rec in batch.items():
+                self._remove_marker(old[key], key, keep=rec.due_at)
+
+    def get(self, key_hash: str) -> StoredRecord | None:
+        self._check_key(key_hash)
+        with self._errors():
+            return self._read(key_hash, with_blob=True)
+
+    def delete(self, key_hash: str) -> bool:
+        self._check_key(key_hash)
+        shard = key_hash[:2]
+        if not os.path.isdir(self._locks):  # never written to: nothing to change, nothing to create
+            return False
+        with self._errors(), self._locked(shard):
+            try:
+                dfd = self._shard_dir(shard, create=False)
+            except FileNotFoundError:
+                return False
+            try:
+                current = self._read(key_hash, with_blob=False, dir_fd=dfd)
+                if current is None:
+                    return False
+                os.unlink(key_hash, dir_fd=dfd)
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            self._remove_marker(current.due_at, key_hash, keep=None)
+            return True
+
+    def transition(
+        self,
+        key_hash: str,
+        expect: Collection[Status],
+        to: Status,
+        *,
+        due_at: float | None | _Keep = KEEP,
+        now: float,
+    ) -> bool:
+        self._check_key(key_hash)
+        return self._rewrite(key_hash, lambda rec: rec.status in expect, to=to, due_at=due_at, now=now)
+
+    def replace_blob(self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float) -> bool:
+        self._check_key(key_hash)
+        shard = key_hash[:2]
+        if not os.path.isdir(self._locks):  # never written to: nothing to change, nothing to create
+            return False
+        with self._errors(), self._locked(shard):
+            try:
+                dfd = self._shard_dir(shard, create=False)
+            except FileNotFoundError:
+                return False
+            try:
+                current = self._read(key_hash, with_blob=True, dir_fd=dfd)
+                if current is None or current.blob != old_blob:
+                    return False
+                new = current.replace(blob=new_blob, updated_at=now)
+                tmp = self._write(dfd, key_hash, [self._header(new, len(new_blob)), new_blob])
+                self._commit(dfd, tmp, key_hash)
+                os.fsync(dfd)
+                return True
+            finally:
+                os.close(dfd)
+
+    def _rewrite(self, key_hash: str, allowed: Any, *, to: Status, due_at: float | None | _Keep, now: float) -> bool:
+        shard = key_hash[:2]
+        if not os.path.isdir(self._locks):  # never written to: nothing to change, nothing to create
+            return False
+        with self._errors(), self._locked(shard):
+            try:
+                dfd = self._shard_dir(shard, create=False)
+            except FileNotFoundError:
+                return False
+            try:
+                f = self._open_record(key_hash, dfd)
+                if f is None:
+                    return False
+                with f:
+                    header, offset = self._parse(f, key_hash)
+                    current = self._record(header, b"")
+                    if not allowed(current):
+                        return False
+                    new_due = current.due_at if isinstance(due_at, _Keep) else due_at
+                    new = current.replace(status=to, due_at=new_due, updated_at=now)
+                    size = int(header["blob_size"])
+                    self._add_markers(self._new_marker(current.due_at, new_due, key_hash))
+                    tmp = self._write(dfd, key_hash, [self._header(new, size)], (f.fileno(), offset, size))
+                self._commit(dfd, tmp, key_hash)
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            self._remove_marker(current.due_at, key_hash, keep=new_due)
+            return True
+
+    def scan(
+        self,
+        *,
+        kind: Kind | None = None,
+        status: Status | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+        with_blob: bool = False,
+    ) -> Page:
+        items: list[StoredRecord] = []
+        if limit <= 0:
+            return Page(items, None)
+        with self._errors():
+            try:
+                shards = sorted(n for n in os.listdir(self._records) if _HEX2.fullmatch(n))
+            except FileNotFoundError:
+                return Page(items, None)
+            first = cursor[:2] if cursor else ""
+            for shard in shards:
+                if shard < first:
+                    continue
+                try:
+                    names = sorted(n for n in os.listdir(os.path.join(self._records, shard)) if _HEX64.fullmatch(n))
+                except FileNotFoundError:
+                    continue
+                for name in names:
+                    if cursor is not None and name <= cursor:
+                        continue
+                    rec = self._read(name, with_blob=with_blob)
+                    if rec is None:  # deleted since the listing
+                        continue
+                    if (kind is None or rec.kind == kind) and (status is None or rec.status == status):
+                        items.append(rec)
+                        if len(items) >= limit:
+                            return Page(items, name)
+        return Page(items, None)
+
+    def due(self, now: float, limit: int = 100) -> list[StoredRecord]:
+        out: list[StoredRecord] = []
+        if limit <= 0:
+            return out
+        with self._errors():
+            try:
+                buckets = sorted(n for n in os.listdir(self._due) if _HEX16.fullmatch(n))
+            except FileNotFoundError:
+                return out
+            for bucket in buckets:
+                start = decode_time(bucket)
+                if start > now:
+                    break
+                path = os.path.join(self._due, bucket)
+                try:
+                    names = sorted(os.listdir(path))
+                except FileNotFoundError:
+                    continue
+                if not names and start + BUCKET_SECONDS < now:
+                    with contextlib.suppress(OSError):  # not empty any more, or already gone
+                        os.rmdir(path)
+                    continue
+                for name in names:
+                    enc, _, kh = name.partition("-")
+                    if not (_HEX16.fullmatch(enc) and _HEX64.fullmatch(kh)):
+                        continue
+                    if decode_time(enc) > now:
+                        break
+                    rec = self._read(kh, with_blob=True)
+                    if rec is None or rec.due_at is None or encode_time(rec.due_at) != enc:
+                        self._drop_stale(bucket, name, kh, enc)
+                        continue
+                    out.append(rec)
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def _drop_stale(self, bucket: str, name: str, key_hash: str, enc: str) -> None:
+        # Under the lock: a writer creates the marker before renaming the record,
+        # so a marker that looks stale may be one whose record is on its way.
+        with self._locked(key_hash[:2]):
+            rec = self._read(key_hash, with_blob=False)
+            if rec is None or rec.due_at is None or encode_time(rec.due_at) != enc:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self._due, bucket, name))
+
+    def health(self) -> dict[str, Any]:
+        try:
+            st = os.statvfs(self.root)
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                return {"ok": False, "store": self.name, "error": "directory is not writable"}
+        except OSError as exc:
+            return {"ok": False, "store": self.name, "error": os.strerror(exc.errno or 0)}
+        return {"ok": True, "store": self.name, "free_bytes": st.f_bavail * st.f_frsize}
+
+    def drop(self) -> None:
+        """Remove this store's directory and everything in it (tests, uninstall). Irreversible."""
+        with self._errors():
+            if os.path.lexists(self.root) and not os.path.islink(self.root):
+                shutil.rmtree(self.root)

@@ -1,0 +1,206 @@
+"""What the file store promises beyond the generic contract: safe names, crash leftovers, O(due) index."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from celery_persist.errors import ConfigurationError, IntegrityError
+from celery_persist.stores import Kind, Status, StoredRecord, open_store
+from celery_persist.stores.filesystem import FileStore, decode_time, encode_time
+
+pytestmark = pytest.mark.integration
+
+NOW = 1_750_000_000.25
+
+
+def kh(*parts: object) -> str:
+    return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()
+
+
+def rec(key: str, due_at: float | None = NOW + 60, blob: bytes = b"blob") -> StoredRecord:
+    return StoredRecord(key, Kind.SUSPENSION, Status.SUSPENDED, blob, {"m": 1}, NOW, due_at, due_at, NOW)
+
+
+@pytest.fixture
+def fstore(tmp_path: Path) -> FileStore:
+    s = open_store(f"file://{tmp_path}", prefix="app")
+    assert isinstance(s, FileStore)
+    s.setup()
+    return s
+
+
+def record_path(store: FileStore, key: str) -> Path:
+    return Path(store.root) / "records" / key[:2] / key
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "A" * 64, "a" * 63, "a" * 65, "a" * 63 + "/", "a" * 64 + "\n", "", "g" * 64])
+def test_key_hash_must_be_64_lowercase_hex(fstore: FileStore, bad: str) -> None:
+    for call in (
+        lambda: fstore.get(bad),
+        lambda: fstore.delete(bad),
+        lambda: fstore.put(rec(bad)),
+        lambda: fstore.transition(bad, {Status.SUSPENDED}, Status.CLAIMED, now=NOW),
+        lambda: fstore.replace_blob(bad, b"", b"", now=NOW),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    assert not any(p.name.startswith("passwd") for p in Path(fstore.root).rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "url, options",
+    [
+        ("file://relative/dir", {}),
+        ("file://otherhost/dir", {}),
+        ("file:///tmp/x", {"prefix": ".."}),
+        ("file:///tmp/x", {"prefix": "a/b"}),
+    ],
+)
+def test_bad_configuration(url: str, options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        open_store(url, **options)
+
+
+def test_symlinked_record_is_refused_not_followed(fstore: FileStore, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not a record")
+    key = kh("link")
+    fstore.put(rec(key))
+    path = record_path(fstore, key)
+    path.unlink()
+    path.symlink_to(victim)
+    with pytest.raises(IntegrityError):
+        fstore.get(key)
+    with pytest.raises(IntegrityError):
+        fstore.transition(key, {Status.SUSPENDED}, Status.CLAIMED, now=NOW)
+    assert victim.read_bytes() == b"not a record"
+
+
+def test_symlinked_store_directory_is_refused(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "app").symlink_to(elsewhere)
+    s = open_store(f"file://{tmp_path / 'root'}", prefix="app")
+    with pytest.raises(ConfigurationError, match="symlink"):
+        s.setup()
+
+
+def test_record_file_format_and_permissions(fstore: FileStore) -> None:
+    key = kh("format")
+    blob = os.urandom(1000)
+    fstore.put(rec(key, blob=blob))
+    path = record_path(fstore, key)
+    data = path.read_bytes()
+    magic, size = struct.unpack(">4sI", data[:8])
+    assert magic == b"CPR1"
+    assert data[8 + size :] == blob
+    assert b'"key_hash":"%s"' % key.encode() in data[8 : 8 + size]
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (Path(fstore.root) / "records").stat().st_mode & 0o777 == 0o700
+
+
+def test_truncated_record_is_an_integrity_error(fstore: FileStore) -> None:
+    key = kh("trunc")
+    fstore.put(rec(key, blob=b"x" * 100))
+    path = record_path(fstore, key)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(IntegrityError):
+        fstore.get(key)
+
+
+def test_due_reads_only_due_records(fstore: FileStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    fstore.put_many(rec(kh("later", i), NOW + 3600 * 24 * (1 + i % 30)) for i in range(1000))
+    due = [kh("due", i) for i in range(10)]
+    fstore.put_many(rec(k, NOW - 60 * i) for i, k in enumerate(due))
+    reads: list[str] = []
+    real_read = fstore._read
+
+    def counting_read(key_hash: str, **kw: Any) -> StoredRecord | None:
+        reads.append(key_hash)
+        return real_read(key_hash, **kw)
+
+    listed: list[str] = []
+    real_listdir = os.listdir
+
+    def counting_listdir(path: Any = ".") -> list[str]:
+        names = real_listdir(path)
+        listed.extend(names)
+        return names
+
+    monkeypatch.setattr(fstore, "_read", counting_read)
+    monkeypatch.setattr(os, "listdir", counting_listdir)
+    got = fstore.due(NOW, limit=100)
+    assert sorted(r.key_hash for r in got) == sorted(due)
+    assert sorted(reads) == sorted(due), "due() opened records that are not due"
+    # Names listed: the bucket names plus the due buckets' markers, not the 1,000 later ones.
+    assert len(listed) < 100, f"due() listed {len(listed)} names"
+
+
+def test_stale_markers_from_a_crash_are_dropped(fstore: FileStore) -> None:
+    live, gone, moved = kh("live"), kh("gone"), kh("moved")
+    fstore.put(rec(live, NOW - 5))
+    fstore.put(rec(moved, NOW + 10**6))
+    # A writer died after creating markers: one for a record never written, one for an old due_at.
+    for key, due_at in ((gone, NOW - 10), (moved, NOW - 7)):
+        bucket, name = fstore._marker(due_at, key)
+        (Path(fstore.root) / "due" / bucket).mkdir(exist_ok=True)
+        (Path(fstore.root) / "due" / bucket / name).touch()
+    assert [r.key_hash for r in fstore.due(NOW)] == [live]
+    markers = sorted(p.name for p in (Path(fstore.root) / "due").rglob("*") if p.is_file())
+    assert markers == sorted([fstore._marker(NOW - 5, live)[1], fstore._marker(NOW + 10**6, moved)[1]])
+
+
+def test_setup_removes_old_temp_files_only(fstore: FileStore) -> None:
+    key = kh("tmp")
+    fstore.put(rec(key))
+    shard = record_path(fstore, key).parent
+    old, fresh = shard / ".tmp-dead-1-aaaa", shard / ".tmp-live-2-bbbb"
+    old.write_bytes(b"partial")
+    fresh.write_bytes(b"in flight")
+    an_hour_ago = time.time() - 7200
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    assert [r.key_hash for r in fstore.scan().items] == [key], "scan must ignore temp files"
+    fstore.setup()
+    assert not old.exists() and fresh.exists()
+
+
+def test_time_encoding_sorts_like_floats() -> None:
+    rng = random.Random(5)
+    values = [0.0, -0.5, 1e-310, -1e-310, 1e308, -1e308, NOW, NOW + 1e-6, float("inf"), float("-inf")]
+    values += [rng.uniform(-1e12, 1e12) for _ in range(2000)]
+    for v in values:
+        assert decode_time(encode_time(v)) == v
+        assert len(encode_time(v)) == 16
+    assert sorted(values, key=encode_time) == sorted(values)
+
+
+def test_transition_keeps_a_10mb_blob_byte_for_byte(fstore: FileStore) -> None:
+    key = kh("big")
+    blob = os.urandom(10 * 1024 * 1024)
+    fstore.put(rec(key, blob=blob))
+    assert fstore.transition(key, {Status.SUSPENDED}, Status.CLAIMED, due_at=NOW + 1, now=NOW)
+    got = fstore.get(key)
+    assert got is not None and got.blob == blob and got.status is Status.CLAIMED
+    assert [r.key_hash for r in fstore.due(NOW + 1)] == [key]
+    assert fstore.replace_blob(key, blob, b"small", now=NOW + 2)
+    got = fstore.get(key)
+    assert got is not None and got.blob == b"small" and got.status is Status.CLAIMED
+
+
+def test_missing_directory_is_unhealthy_and_empty(tmp_path: Path) -> None:
+    s = open_store(f"file://{tmp_path}/never-created")
+    assert s.get(kh("x")) is None
+    assert s.scan().items == [] and s.due(NOW) == []
+    assert s.transition(kh("x"), {Status.SUSPENDED}, Status.CLAIMED, now=NOW) is False
+    assert s.health()["ok"] is False
+    s.put(rec(kh("x")))  # writing creates it
+    assert s.health()["ok"] is True
