@@ -350,6 +350,10 @@ class PersistenceHub:
             InvalidKey, SuspensionNotFound, AlreadyResumed, SuspensionExpired,
             SuspensionCancelled, IntegrityError, EncryptionError, StoreUnavailable.
         """
+        return self._take(key, input, Status.CLAIMED, lease or self.lease)
+
+    def _take(self, key: str, input: Any, to: Status, hold: float) -> Suspension:
+        """Read, authenticate and move ``key`` from suspended to ``to`` in one compare-and-set."""
         started = time.perf_counter()
         fp = self._check_key(key, "resume")
         now = self.clock()
@@ -357,10 +361,13 @@ class PersistenceHub:
         self._refuse(rec, fp, now, "resume")
         # Open before claiming: a blob that fails to authenticate must not use up the claim.
         state = self._open_record(rec, fp)
-        if not self.store.transition(rec.key_hash, {Status.SUSPENDED}, Status.CLAIMED, due_at=now + (lease or self.lease), now=now):
+        if not self.store.transition(rec.key_hash, {Status.SUSPENDED}, to, due_at=now + hold, now=now):
             self._lost_race(rec.key_hash, fp, now, "resume")
+        # The same audit trail (and metrics) as claim + complete, though only one write happened.
         self._audit("claim", fp, "granted", seconds=time.perf_counter() - started, size=len(rec.blob))
-        return self._view(rec.replace(status=Status.CLAIMED), key, state=state, input=input)
+        if to is Status.RESUMED:
+            self._audit("resume", fp, "ok")
+        return self._view(rec.replace(status=to), key, state=state, input=input)
 
     def _lost_race(self, kh: str, fp: str, now: float, action: str) -> None:
         """Another caller changed the record between our read and our transition: say how."""
@@ -414,18 +421,10 @@ class PersistenceHub:
             InvalidKey: Malformed or forged key (no store read).
             SuspensionNotFound, AlreadyResumed, SuspensionExpired, SuspensionCancelled.
         """
-        with self.claiming(key, input) as s:
-            pass
-        return Suspension(
-            key=s.key,
-            fingerprint=s.fingerprint,
-            state=s.state,
-            input=s.input,
-            metadata=s.metadata,
-            created_at=s.created_at,
-            expires_at=s.expires_at,
-            status=Status.RESUMED.value,
-        )
+        # Nothing is dispatched between claiming and completing here, so there is no
+        # crash window for a lease to cover: one compare-and-set straight to RESUMED
+        # halves the durable writes (an fsync or a commit each) of every resume.
+        return self._take(key, input, Status.RESUMED, self.retention)
 
     def cancel(self, key: str) -> Suspension:
         """End a suspension so it can no longer be resumed. Cancelling twice is a no-op.
