@@ -136,14 +136,20 @@ def request_context(app: Celery, state: FlowState, *, with_chain: bool) -> Any:
 
 
 def _send_event(persist: Persist, type_: str, task_id: str, hostname: str | None = None, **fields: Any) -> None:
+    _send_events(persist, task_id, hostname, [(type_, fields)])
+
+
+def _send_events(persist: Persist, task_id: str, hostname: str | None, events: list[tuple[str, dict[str, Any]]]) -> None:
+    """Send task events through one dispatcher (one producer, one connection checkout)."""
     if not persist.config.send_events:
         return
     try:
         # Sent as the worker that parked the task, so monitors keep it on that worker.
         with persist.app.events.default_dispatcher(hostname=hostname) as dispatcher:
-            dispatcher.send(type_, uuid=task_id, **fields)
+            for type_, fields in events:
+                dispatcher.send(type_, uuid=task_id, **fields)
     except Exception:  # noqa: BLE001 - monitoring must never break a resume
-        logger.warning("celery-persist: could not send %s event", type_, exc_info=True)
+        logger.warning("celery-persist: could not send task events", exc_info=True)
 
 
 def _dispatch(app: Celery, value: Any, state: FlowState) -> AsyncResult | None:
@@ -179,9 +185,15 @@ def continue_flow(persist: Persist, suspension: Suspension, value: Any) -> Async
         passed = {"previous": state.get("previous"), "input": value} if state.get("include_previous") else value
         nxt = _dispatch(app, passed, state)
         app.backend.mark_as_done(task_id, passed, request=request_context(app, state, with_chain=False))
-        host = state.get("hostname")
-        _send_event(persist, "task-resumed", task_id, host, suspension=suspension.fingerprint, prompt=state.get("prompt"))
-        _send_event(persist, "task-succeeded", task_id, host, result="<resumed>", runtime=0.0)
+        _send_events(
+            persist,
+            task_id,
+            state.get("hostname"),
+            [
+                ("task-resumed", {"suspension": suspension.fingerprint, "prompt": state.get("prompt")}),
+                ("task-succeeded", {"result": "<resumed>", "runtime": 0.0}),
+            ],
+        )
         result = nxt if nxt is not None else app.AsyncResult(task_id)
     logger.info("celery-persist: resumed suspension %s (task %s)", suspension.fingerprint, task_id)
     return result
