@@ -85,7 +85,11 @@ def open_test_store(backend: Backend, store_url: str, store_options: dict[str, A
 @pytest.fixture
 def store(backend: Backend, store_url: str, store_options: dict[str, Any]) -> Iterator[BaseStore]:
     s = open_store(store_url, **store_options)
-    s.setup()
+    try:
+        s.setup()
+    except BaseException:
+        s.close()  # a leaked driver would warn from its finalizer in some later test
+        raise
     try:
         yield s
     finally:

