@@ -23,11 +23,11 @@ import abc
 import dataclasses
 import enum
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["Status", "Kind", "StoredRecord", "Page", "BaseStore", "KEEP", "dump_metadata", "load_metadata"]
+__all__ = ["Status", "Kind", "StoredRecord", "Page", "BaseStore", "KEEP", "batches", "dump_metadata", "load_metadata"]
 
 
 class Status(str, enum.Enum):
@@ -109,6 +109,21 @@ class Page:
 
     items: Sequence[Any]
     next_cursor: str | None = None
+
+
+def batches(records: Iterable[StoredRecord], *, max_records: int, max_bytes: int) -> Iterator[list[StoredRecord]]:
+    """Group ``records`` for ``put_many``: at most ``max_records`` each, closing a group once
+    its blobs reach ``max_bytes``. Order is kept."""
+    batch: list[StoredRecord] = []
+    size = 0
+    for record in records:
+        batch.append(record)
+        size += len(record.blob)
+        if len(batch) >= max_records or size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def dump_metadata(metadata: Mapping[str, Any]) -> str:

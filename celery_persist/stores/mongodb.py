@@ -79,7 +79,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..errors import ConfigurationError, StoreUnavailable
 from ._drivers import mask_url, require
-from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep, dump_metadata, load_metadata
+from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep, batches, dump_metadata, load_metadata
 
 __all__ = ["MongoStore"]
 
@@ -322,15 +322,7 @@ class MongoStore(BaseStore):
                 self._drop_generations(chunks, [(record.key_hash, old["gen"])])
 
     def put_many(self, records: Iterable[StoredRecord]) -> None:
-        batch: list[StoredRecord] = []
-        size = 0
-        for record in records:
-            batch.append(record)
-            size += len(record.blob)
-            if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
-                self._put_batch(batch)
-                batch, size = [], 0
-        if batch:
+        for batch in batches(records, max_records=BATCH_RECORDS, max_bytes=BATCH_BYTES):
             self._put_batch(batch)
 
     def _put_batch(self, batch: list[StoredRecord]) -> None:

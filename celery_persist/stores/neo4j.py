@@ -121,7 +121,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ..errors import ConfigurationError, StoreUnavailable
 from ._drivers import mask_url, require
-from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep, dump_metadata, load_metadata
+from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep, batches, dump_metadata, load_metadata
 
 __all__ = ["Neo4jStore"]
 
@@ -597,15 +597,7 @@ class Neo4jStore(BaseStore):
         self._put_batch([record])
 
     def put_many(self, records: Iterable[StoredRecord]) -> None:
-        batch: list[StoredRecord] = []
-        size = 0
-        for record in records:
-            batch.append(record)
-            size += len(record.blob)
-            if len(batch) >= BATCH_RECORDS or size >= NEO4J_QUERY_BYTES:
-                self._put_batch(batch)
-                batch, size = [], 0
-        if batch:
+        for batch in batches(records, max_records=BATCH_RECORDS, max_bytes=NEO4J_QUERY_BYTES):
             self._put_batch(batch)
 
     def _put_batch(self, batch: Sequence[StoredRecord]) -> None:

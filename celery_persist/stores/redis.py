@@ -117,7 +117,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from ..errors import ConfigurationError, PersistenceError, StoreUnavailable
 from ._drivers import mask_url, require
-from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep, dump_metadata, load_metadata
+from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep, batches, dump_metadata, load_metadata
 
 __all__ = ["RedisStore"]
 
@@ -553,15 +553,7 @@ class RedisStore(BaseStore):
         Each block is atomic and runs without other clients' commands in
         between: about 10-30 ms of server time per 1,000 small records here.
         """
-        batch: list[StoredRecord] = []
-        size = 0
-        for record in records:
-            batch.append(record)
-            size += len(record.blob)
-            if len(batch) >= _CHUNK_RECORDS or size >= _CHUNK_BYTES:
-                self._write(batch)
-                batch, size = [], 0
-        if batch:
+        for batch in batches(records, max_records=_CHUNK_RECORDS, max_bytes=_CHUNK_BYTES):
             self._write(batch)
 
     def _write(self, records: Sequence[StoredRecord]) -> None:
