@@ -14,12 +14,14 @@ Per store:
 3. **footprint**: Redis ``INFO memory`` used_memory delta / N (and ``MEMORY
    USAGE`` of sample keys and the indexes), PostgreSQL
    ``pg_total_relation_size`` of both tables / N, SQLite file size / N, file
-   store du / N, in-process stores the RSS delta / N.
+   store du / N, in-process stores what a fresh store holds after 10,000
+   records (tracemalloc).
 4. **prune among N**: ``hub.cleanup(now1)`` with ``on_expired=None`` (E1 flip
    to ``expired``; ``now1`` lies between E1 and E2), then ``store.due(now,
    1000)`` + ``store.delete`` until nothing is due (removes E2).
 5. **prune among E**: the same two prunes on fresh prefixes that hold only E1
-   (resp. only E2).
+   (resp. only E2), written before any prune so that each prune among N runs
+   right next to its baseline, under the same background load.
 
 A prune whose projected time passes ``--prune-budget`` is cut short; the
 table then shows the time extrapolated from the part that ran, marked ``~``,
@@ -928,6 +930,10 @@ def _print_profile(prof: cProfile.Profile, title: str) -> None:
 # -- report --------------------------------------------------------------------------------------
 
 
+def _rate(per_second: float) -> str:
+    return f"{per_second:,.0f}/s" if per_second >= 10 else f"{per_second:.2f}/s"
+
+
 def _bytes(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.0f}"
 
@@ -969,7 +975,7 @@ def tables(results: list[Result], e: int) -> str:
         p = r.prunes
         srv = f", server {r.server_cpu_s:,.1f} s" if r.server_cpu_s is not None else ""
         pages = f"{p['cleanup/N'].first_page_ms:,.1f} ms / {p['cleanup/E'].first_page_ms:,.1f} ms"
-        rates = " / ".join(f"{p[f'{m}/N'].target / p[f'{m}/N'].estimate:,.0f}/s" for m in ("cleanup", "delete"))
+        rates = " / ".join(_rate(p[f"{m}/N"].target / p[f"{m}/N"].estimate) for m in ("cleanup", "delete"))
         server = "; ".join(
             f"{m}: " + " / ".join(f"{v:,.1f}" for v in (p[f"{m}/N"].server.get(k, 0.0), p[f"{m}/E"].server.get(k, 0.0))) + f" {k}"
             for m in ("cleanup", "delete")
@@ -1033,10 +1039,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--write-budget",
         type=float,
         default=None,
-        help="seconds of put_many per store before N is capped (default 150 Redis/PostgreSQL, 60 others; --quick 30)",
+        help="seconds of put_many per store before N is capped (default 150 Redis/PostgreSQL, 90 file, 60 others; --quick 30)",
     )
     ap.add_argument(
-        "--prune-budget", type=float, default=None, help="seconds a prune may project before it is cut (default 40; --quick 15)"
+        "--prune-budget", type=float, default=None, help="seconds a prune may project before it is cut (default 60; --quick 15)"
     )
     ap.add_argument("--profile", action="store_true", help="cProfile one put_many batch and every prune")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -1059,7 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
         expired=args.expired or (1_000 if args.quick else 10_000),
         hub_suspends=args.hub_suspends if args.hub_suspends is not None else (200 if args.quick else 500),
         write_budget=args.write_budget,
-        prune_budget=args.prune_budget or (15.0 if args.quick else 40.0),
+        prune_budget=args.prune_budget or (15.0 if args.quick else 60.0),
         quick=args.quick,
         profile=args.profile,
     )
