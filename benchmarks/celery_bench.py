@@ -172,8 +172,17 @@ def _pop_stamp(r: Any, key: str, timeout: float = 30.0) -> tuple[int, float]:
     return int(flow), float(started)
 
 
-def _measure_store(name: str, store_url: str, prefix: str, flows: int, throughput: int, redis_url: str,
-                   log_dir: Path, progress: Callable[[str], None], profile: bool = False) -> CeleryResult:
+def _measure_store(
+    name: str,
+    store_url: str,
+    prefix: str,
+    flows: int,
+    throughput: int,
+    redis_url: str,
+    log_dir: Path,
+    progress: Callable[[str], None],
+    profile: bool = False,
+) -> CeleryResult:
     import redis
 
     res = CeleryResult(name)
@@ -310,8 +319,9 @@ def _redis_reason(url: str) -> str | None:
     return None
 
 
-def run_celery_bench(stores: list[str], flows: int, throughput: int, progress: Callable[[str], None],
-                     redis_url: str | None = None, profile: bool = False) -> list[CeleryResult]:
+def run_celery_bench(
+    stores: list[str], flows: int, throughput: int, progress: Callable[[str], None], redis_url: str | None = None, profile: bool = False
+) -> list[CeleryResult]:
     from .targets import _tcp_reason, env_url
 
     redis_url = redis_url or os.environ.get("CP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
@@ -378,8 +388,14 @@ def celery_tables(results: list[CeleryResult]) -> str:
                 ]
             )
     out = "#### Latency (ms, p50 / p99)\n\n" + markdown_table(
-        ["store", "persist.resume() -> next task starts", "resume() call returns", "plain apply_async() -> task starts",
-         "noop.delay().get()", "flows"],
+        [
+            "store",
+            "persist.resume() -> next task starts",
+            "resume() call returns",
+            "plain apply_async() -> task starts",
+            "noop.delay().get()",
+            "flows",
+        ],
         lat_rows,
         "lrrrrr",
     )

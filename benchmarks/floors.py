@@ -367,8 +367,12 @@ class RawNeo4j(RawStore):
         pieces = [view[i : i + cs] for i in range(0, len(blob), cs)] or [view[:0]]
         tail = f"] AS c CREATE (:{self.label} {{k: '{key}', i: c.i, v: c.v}})"
         if not self.falkordb:
-            return [(f"UNWIND $chunks AS c CREATE (:{self.label} {{k: $k, i: c.i, v: c.v}})",
-                     {"k": key, "chunks": [{"i": i, "v": bytes(p)} for i, p in enumerate(pieces)]})]
+            return [
+                (
+                    f"UNWIND $chunks AS c CREATE (:{self.label} {{k: $k, i: c.i, v: c.v}})",
+                    {"k": key, "chunks": [{"i": i, "v": bytes(p)} for i, p in enumerate(pieces)]},
+                )
+            ]
         out: list[tuple[str, dict[str, Any]]] = []
         items: list[str] = []
         size = len("UNWIND [") + len(tail)

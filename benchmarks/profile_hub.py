@@ -82,24 +82,38 @@ def breakdown(
 
     rows: list[tuple[str, float, float]] = [
         ("suspend: codec dumps", _median_ms(lambda: ser._codec.dumps(state), runs), _median_ms(lambda: pipe.codec_dumps(state), runs)),
-        ("suspend: serializer.dumps (codec, compress, crc32, envelope)", _median_ms(lambda: ser.dumps(state), runs),
-         _median_ms(lambda: pipe.encode(state), runs)),
-        ("suspend: encrypt", _median_ms(lambda: ring.encrypt(plain, aad), runs),
-         _median_ms(lambda: pipe.encrypt(floor_plain, aad), runs)),
-        ("suspend: store.put / raw put", _median_ms(lambda: store.put(rec), runs, lambda _: store.delete(kh)),
-         _median_ms(lambda: raw.put("bd", floor_blob), runs, lambda _: raw.delete("bd"))),
-        ("suspend: whole (hub.suspend / floor)", _median_ms(ours_suspend, runs, drop_key),
-         _median_ms(lambda: raw.put("bd", pipe.seal(state, aad)), runs, lambda _: raw.delete("bd"))),
+        (
+            "suspend: serializer.dumps (codec, compress, crc32, envelope)",
+            _median_ms(lambda: ser.dumps(state), runs),
+            _median_ms(lambda: pipe.encode(state), runs),
+        ),
+        ("suspend: encrypt", _median_ms(lambda: ring.encrypt(plain, aad), runs), _median_ms(lambda: pipe.encrypt(floor_plain, aad), runs)),
+        (
+            "suspend: store.put / raw put",
+            _median_ms(lambda: store.put(rec), runs, lambda _: store.delete(kh)),
+            _median_ms(lambda: raw.put("bd", floor_blob), runs, lambda _: raw.delete("bd")),
+        ),
+        (
+            "suspend: whole (hub.suspend / floor)",
+            _median_ms(ours_suspend, runs, drop_key),
+            _median_ms(lambda: raw.put("bd", pipe.seal(state, aad)), runs, lambda _: raw.delete("bd")),
+        ),
     ]
     store.put(rec)
     raw.put("bd", floor_blob)
     rows += [
         ("resume: store.get / raw get", _median_ms(lambda: store.get(kh), runs), _median_ms(lambda: raw.get("bd"), runs)),
         ("resume: decrypt", _median_ms(lambda: ring.decrypt(sealed, aad), runs), _median_ms(lambda: pipe.decrypt(floor_blob, aad), runs)),
-        ("resume: serializer.loads (crc32, decompress, codec)", _median_ms(lambda: ser.loads(plain, trusted=True), runs),
-         _median_ms(lambda: pipe.decode(floor_plain), runs)),
-        ("resume:   of which codec loads", _median_ms(lambda: ser._codec.loads(codec_bytes), runs),
-         _median_ms(lambda: pipe.codec_loads(floor_payload), runs)),
+        (
+            "resume: serializer.loads (crc32, decompress, codec)",
+            _median_ms(lambda: ser.loads(plain, trusted=True), runs),
+            _median_ms(lambda: pipe.decode(floor_plain), runs),
+        ),
+        (
+            "resume:   of which codec loads",
+            _median_ms(lambda: ser._codec.loads(codec_bytes), runs),
+            _median_ms(lambda: pipe.codec_loads(floor_payload), runs),
+        ),
     ]
 
     def two_transitions() -> None:

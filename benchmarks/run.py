@@ -65,9 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--update-readme", action="store_true", help="replace the results section of benchmarks/README.md")
     p.add_argument("--top", type=int, default=20, help="cProfile lines per table (--profile)")
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
-    p.add_argument(
-        "--what-if", default="", help="patch the library in this process as a proposal would (json-gc, no-copy, one-transition)"
-    )
+    p.add_argument("--what-if", default="", help="patch the library in this process as a proposal would (json-gc, no-copy, one-transition)")
     return p.parse_args(argv)
 
 
@@ -105,10 +103,13 @@ def _cells(args: argparse.Namespace, t: Target, sizes: list[int], kinds: list[st
 def _report(r: CellResult, started: float) -> None:
     _progress(
         f"{r.store:9s} {r.kind:5s} {format_size(r.size):>6s} {r.compression:4s} "
-        + (f"error {r.error}" if r.error else
-           f"suspend {r.suspend_ms:8.2f} / {r.floor_suspend_ms:8.2f} = {r.suspend_ratio:4.2f}  "
-           f"resume {r.resume_ms:8.2f} / {r.floor_resume_ms:8.2f} = {r.resume_ratio:4.2f}  "
-           f"({time.perf_counter() - started:.1f} s)")
+        + (
+            f"error {r.error}"
+            if r.error
+            else f"suspend {r.suspend_ms:8.2f} / {r.floor_suspend_ms:8.2f} = {r.suspend_ratio:4.2f}  "
+            f"resume {r.resume_ms:8.2f} / {r.floor_resume_ms:8.2f} = {r.resume_ratio:4.2f}  "
+            f"({time.perf_counter() - started:.1f} s)"
+        )
     )
 
 
@@ -185,8 +186,9 @@ def run_hub(args: argparse.Namespace, run_id: str) -> tuple[list[CellResult], li
     return results, sorted(set(notes), key=notes.index)
 
 
-def _run_isolated(args: argparse.Namespace, run_id: str, t: Target, sizes: list[int], kinds: list[str], comps: list[str],
-                  notes: list[str]) -> list[CellResult]:
+def _run_isolated(
+    args: argparse.Namespace, run_id: str, t: Target, sizes: list[int], kinds: list[str], comps: list[str], notes: list[str]
+) -> list[CellResult]:
     """Run one target's cells in a child process, killed when a cell makes no progress for ``t.cell_timeout`` s.
 
     The server (and, for FalkorDB, its Bolt relay) stays in this process, so a hung
@@ -206,9 +208,23 @@ def _run_isolated(args: argparse.Namespace, run_id: str, t: Target, sizes: list[
     env["CP_BENCH_RUN_ID"] = child_id
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
-    argv = [sys.executable, "-m", "benchmarks", "--stores", t.name, "--child-out", out_path,
-            "--sizes", ",".join(str(s) for s in sizes), "--kinds", ",".join(kinds), "--compressions", ",".join(comps),
-            "--clock", args.clock]
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--stores",
+        t.name,
+        "--child-out",
+        out_path,
+        "--sizes",
+        ",".join(str(s) for s in sizes),
+        "--kinds",
+        ",".join(kinds),
+        "--compressions",
+        ",".join(comps),
+        "--clock",
+        args.clock,
+    ]
     for flag, value in (("--runs", args.runs), ("--warmup", args.warmup)):
         if value is not None:
             argv += [flag, str(value)]
@@ -241,10 +257,21 @@ def _run_isolated(args: argparse.Namespace, run_id: str, t: Target, sizes: list[
         with open(out_path, encoding="utf-8") as f:
             for line in f:
                 d = json.loads(line)
-                r = CellResult(d["store"], d["kind"], d["codec"], d["size"], d["compression"], applied=d["applied"],
-                               stored_bytes=d["stored_bytes"], runs=d["runs"], ours_suspend=d["ours_suspend"],
-                               ours_resume=d["ours_resume"], floor_suspend=d["floor_suspend"], floor_resume=d["floor_resume"],
-                               error=d["error"])
+                r = CellResult(
+                    d["store"],
+                    d["kind"],
+                    d["codec"],
+                    d["size"],
+                    d["compression"],
+                    applied=d["applied"],
+                    stored_bytes=d["stored_bytes"],
+                    runs=d["runs"],
+                    ours_suspend=d["ours_suspend"],
+                    ours_resume=d["ours_resume"],
+                    floor_suspend=d["floor_suspend"],
+                    floor_resume=d["floor_resume"],
+                    error=d["error"],
+                )
                 done.append(r)
         os.unlink(out_path)
         # A killed child could not remove its scratch directory.
@@ -391,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Run {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, `{cmd.strip()}`, {elapsed:.0f} s, "
         f"clock: {args.clock}, load average at the end: {load_end}."
         + (f" WHAT-IF RUN: library patched in-process with {', '.join(what_if)} (see benchmarks/proposals/)." if what_if else "")
-        + "\n\n" + format_machine(info)
+        + "\n\n"
+        + format_machine(info)
     )
     if hub_md:
         parts.append("### Hub suspend / resume vs raw floor\n\n" + hub_md)

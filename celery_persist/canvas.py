@@ -167,9 +167,7 @@ def _dispatch(app: Celery, value: Any, state: FlowState) -> AsyncResult | None:
     chain = list(state.get("chain") or [])
     if chain:
         nxt = signature(chain[-1], app=app)
-        result: AsyncResult = nxt.apply_async(
-            (value,), chain=chain[:-1] or None, parent_id=parent_id, root_id=root_id, priority=priority
-        )
+        result: AsyncResult = nxt.apply_async((value,), chain=chain[:-1] or None, parent_id=parent_id, root_id=root_id, priority=priority)
         return result
     return None
 

@@ -74,9 +74,7 @@ class PersistenceError(Exception):
         return (_rebuild, (type(self), self.message, self.key, self.store))
 
 
-def _rebuild(
-    cls: type[PersistenceError], message: str, key: str | None, store: str | None
-) -> PersistenceError:
+def _rebuild(cls: type[PersistenceError], message: str, key: str | None, store: str | None) -> PersistenceError:
     return cls(message, key=key, store=store)
 
 

@@ -164,8 +164,7 @@ class PersistenceHub:
             if not _warned_plaintext:
                 _warned_plaintext = True
                 logger.warning(
-                    "celery-persist: no encryption key configured (CELERY_PERSIST_KEYS); "
-                    "suspended states are stored %s",
+                    "celery-persist: no encryption key configured (CELERY_PERSIST_KEYS); suspended states are stored %s",
                     "signed but readable" if self._sealer else "in clear and unauthenticated",
                 )
 
@@ -521,9 +520,7 @@ class PersistenceHub:
             if not records or not progressed:
                 return done
 
-    def _cleanup_one(
-        self, rec: StoredRecord, now: float, on_expired: Callable[[Suspension], None] | None, retry_after: float
-    ) -> int:
+    def _cleanup_one(self, rec: StoredRecord, now: float, on_expired: Callable[[Suspension], None] | None, retry_after: float) -> int:
         fp = rec.key_hash[:12]
         if rec.kind is not Kind.SUSPENSION or rec.status in TERMINAL:
             return int(self.store.delete(rec.key_hash))

@@ -32,9 +32,7 @@ _B32 = "0123456789abcdefghjkmnpqrstvwxyz"  # ASCII-ordered, so prefixes sort by 
 _TS_CHARS = 10
 _RAND_BYTES = 16
 _TAG_BYTES = 16
-_KEY_RE = re.compile(
-    r"\Ap1\.(?P<body>[0-9a-hjkmnp-tv-z]{10}[A-Za-z0-9_-]{22})(?:\.(?P<tag>[A-Za-z0-9_-]{22}))?\Z"
-)
+_KEY_RE = re.compile(r"\Ap1\.(?P<body>[0-9a-hjkmnp-tv-z]{10}[A-Za-z0-9_-]{22})(?:\.(?P<tag>[A-Za-z0-9_-]{22}))?\Z")
 _TAG_CONTEXT = b"celery-persist/key-tag/v1\0"
 
 

@@ -98,9 +98,7 @@ class Persist:
         if masked != cfg.store_url and app.conf.get("persist_store_url") == cfg.store_url:
             app.conf["persist_store_url"] = masked
         keyring = Keyring.parse(cfg.keys) if cfg.keys and cfg.encryption != "off" else None
-        serializer = StateSerializer(
-            cfg.codec, cfg.compression, cfg.compression_threshold, max_size=cfg.max_state_size
-        )
+        serializer = StateSerializer(cfg.codec, cfg.compression, cfg.compression_threshold, max_size=cfg.max_state_size)
         store = open_store(cfg.store_url, **dict(cfg.store_options))
         self.hub = PersistenceHub(
             store,
@@ -191,9 +189,7 @@ class Persist:
         import time
 
         if not self.config.key_in_result:
-            raise ConfigurationError(
-                "persist_key_in_result is off, so keys are not in the result backend; deliver them with notify="
-            )
+            raise ConfigurationError("persist_key_in_result is off, so keys are not in the result backend; deliver them with notify=")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             all_ready = True

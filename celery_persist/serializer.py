@@ -166,8 +166,7 @@ class StateSerializer:
         codec = get_codec(codec_name)
         if codec.unsafe and not trusted:
             raise SerializationError(
-                f"refusing to decode a {codec_name} payload from unauthenticated bytes; "
-                "configure an encryption key or a signing secret"
+                f"refusing to decode a {codec_name} payload from unauthenticated bytes; configure an encryption key or a signing secret"
             )
         payload = view[_HEADER_SIZE:]
         raw = get_compression(comp_name).decompress(payload, size)

@@ -21,6 +21,7 @@ from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep, dump
 
 __all__ = ["MemoryStore"]
 
+
 def _detached(rec: StoredRecord) -> StoredRecord:
     # Real stores keep metadata as JSON text. Copy it in and out the same way, so a caller
     # mutating a dict it passed in or got back cannot change (and un-authenticate) a record.

@@ -99,8 +99,13 @@ READ_ATTEMPTS = 5
 
 #: Fields read for listing: everything but the blob.
 _LISTING_FIELDS = {
-    "kind": 1, "status": 1, "metadata": 1, "created_at": 1, "expires_at": 1,
-    "due_at": 1, "updated_at": 1,
+    "kind": 1,
+    "status": 1,
+    "metadata": 1,
+    "created_at": 1,
+    "expires_at": 1,
+    "due_at": 1,
+    "updated_at": 1,
 }
 
 # mongomock servers by name: stores opened on the same mongomock URL share data
@@ -149,9 +154,7 @@ class MongoStore(BaseStore):
         self._mock = scheme == "mongomock"
         # pymongo is needed for mongomock too: it brings bson and the error classes.
         self._pymongo: ModuleType = require("pymongo", extra="mongodb", store="mongodb")
-        self._mongomock: ModuleType | None = (
-            require("mongomock", extra="test", store="mongomock") if self._mock else None
-        )
+        self._mongomock: ModuleType | None = require("mongomock", extra="test", store="mongomock") if self._mock else None
         if not isinstance(prefix, str) or "$" in prefix or "\0" in prefix:
             raise ConfigurationError("mongodb prefix must be a string without '$' or NUL", store=self.name)
         if not 0 < chunk_size <= INLINE_LIMIT:
@@ -216,9 +219,7 @@ class MongoStore(BaseStore):
             raise ConfigurationError(f"bad MongoDB configuration: {exc}", store=self.name) from exc
         except errors.OperationFailure as exc:
             if exc.code in (13, 18):  # Unauthorized, AuthenticationFailed
-                raise ConfigurationError(
-                    f"MongoDB refused the credentials or the role (code {exc.code})", store=self.name
-                ) from exc
+                raise ConfigurationError(f"MongoDB refused the credentials or the role (code {exc.code})", store=self.name) from exc
             raise
 
     # -- schema -----------------------------------------------------------------------------
@@ -228,9 +229,7 @@ class MongoStore(BaseStore):
         with self._errors():
             records, chunks = self._collections()
             records.create_index([("kind", 1), ("status", 1), ("_id", 1)], name="listing")
-            records.create_index(
-                [("due_at", 1), ("_id", 1)], name="due", partialFilterExpression={"due_at": {"$exists": True}}
-            )
+            records.create_index([("due_at", 1), ("_id", 1)], name="due", partialFilterExpression={"due_at": {"$exists": True}})
             chunks.create_index([("rec", 1), ("gen", 1), ("n", 1)], name="chunk", unique=True)
 
     def drop(self) -> None:
@@ -315,9 +314,7 @@ class MongoStore(BaseStore):
         with self._errors():
             records, chunks = self._collections()
             gen = self._chunk_gen_for(chunks, record)
-            old = records.find_one_and_replace(
-                {"_id": record.key_hash}, self._document(record, gen), upsert=True, projection={"gen": 1}
-            )
+            old = records.find_one_and_replace({"_id": record.key_hash}, self._document(record, gen), upsert=True, projection={"gen": 1})
             if old is not None and old.get("gen"):
                 self._drop_generations(chunks, [(record.key_hash, old["gen"])])
 
@@ -412,9 +409,7 @@ class MongoStore(BaseStore):
         with self._errors():
             records, chunks = self._collections()
             gen = self._write_chunks(chunks, key_hash, new_blob) if len(new_blob) > self._inline_limit else None
-            update: dict[str, Any] = {
-                "$set": {"digest": hashlib.sha256(new_blob).hexdigest(), "updated_at": float(now)}
-            }
+            update: dict[str, Any] = {"$set": {"digest": hashlib.sha256(new_blob).hexdigest(), "updated_at": float(now)}}
             if gen is None:
                 update["$set"]["blob"] = new_blob
                 update["$unset"] = {"gen": "", "nchunks": "", "size": ""}
@@ -463,9 +458,7 @@ class MongoStore(BaseStore):
                 blob = self._blob(chunks, doc)
                 if blob is None:  # replaced while we read: take the new version, if it still matches
                     fresh = self.get(doc["_id"])
-                    if fresh is None or (kind is not None and fresh.kind != kind) or (
-                        status is not None and fresh.status != status
-                    ):
+                    if fresh is None or (kind is not None and fresh.kind != kind) or (status is not None and fresh.status != status):
                         continue
                     items.append(fresh)
                 else:

@@ -174,19 +174,10 @@ _UPSERT = (
     "n.updated_at = r.updated_at, n.blob = r.blob, n.gen = r.gen, n.nchunks = r.nchunks, n.size = r.size "
     "RETURN r.key_hash AS key_hash, old"
 )
-_WRITE_CHUNKS = (
-    "UNWIND $chunks AS c "
-    f"CREATE (:{CHUNK} {{ns: $ns, key_hash: $key, gen: $gen, i: c.i, data: c.data}})"
-)
-_DROP_GENERATIONS = (
-    "UNWIND $stale AS s "
-    f"MATCH (c:{CHUNK} {{ns: $ns, key_hash: s.key_hash, gen: s.gen}}) "
-    "DELETE c"
-)
+_WRITE_CHUNKS = f"UNWIND $chunks AS c CREATE (:{CHUNK} {{ns: $ns, key_hash: $key, gen: $gen, i: c.i, data: c.data}})"
+_DROP_GENERATIONS = f"UNWIND $stale AS s MATCH (c:{CHUNK} {{ns: $ns, key_hash: s.key_hash, gen: s.gen}}) DELETE c"
 _DELETE = (
-    f"OPTIONAL MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) "
-    "WITH n, n IS NOT NULL AS existed, n.gen AS gen "
-    "DELETE n RETURN existed, gen"
+    f"OPTIONAL MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) WITH n, n IS NOT NULL AS existed, n.gen AS gen DELETE n RETURN existed, gen"
 )
 _LOCK = f"MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) SET n._lock = true RETURN count(n) AS found"
 _TRANSITION = (
@@ -292,9 +283,7 @@ class Neo4jStore(BaseStore):
         self.name = mask_url(url)
         self._neo4j: ModuleType = require("neo4j", extra="neo4j", store="neo4j")
         if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
-            raise ConfigurationError(
-                "neo4j prefix must be at most 64 letters, digits or '_.:-'", store=self.name
-            )
+            raise ConfigurationError("neo4j prefix must be at most 64 letters, digits or '_.:-'", store=self.name)
         if chunk_size is not None and chunk_size < 1:
             raise ConfigurationError("neo4j chunk_size must be a positive number of bytes", store=self.name)
         parts = urlsplit(url)
@@ -330,9 +319,7 @@ class Neo4jStore(BaseStore):
             if self._driver_obj is None:
                 try:
                     with self._errors():
-                        self._driver_obj = self._neo4j.GraphDatabase.driver(
-                            self._uri, auth=self._auth, **self._driver_options
-                        )
+                        self._driver_obj = self._neo4j.GraphDatabase.driver(self._uri, auth=self._auth, **self._driver_options)
                 except (ValueError, TypeError) as err:  # the driver's URI and option checks
                     raise ConfigurationError(f"bad Neo4j URL or driver option: {err}", store=self.name) from err
             return self._driver_obj
@@ -372,16 +359,12 @@ class Neo4jStore(BaseStore):
         neo4j_errors = self._neo4j.exceptions
         with self._errors(), self._session(driver, write=False) as session:
             try:
-                row = session.run(
-                    "CALL dbms.components() YIELD name, versions, edition RETURN name, versions, edition"
-                ).single()
+                row = session.run("CALL dbms.components() YIELD name, versions, edition RETURN name, versions, edition").single()
             except (neo4j_errors.ClientError, neo4j_errors.DatabaseError):
                 row = None
             if row is not None:
                 version = f"{row['name']} {', '.join(row['versions'])} {row['edition']}"
-                dialect = _Dialect(
-                    "neo4j", version, literals=False, max_query=None, default_chunk_size=MiB, lock_statement=True
-                )
+                dialect = _Dialect("neo4j", version, literals=False, max_query=None, default_chunk_size=MiB, lock_statement=True)
             else:
                 agent = driver.get_server_info().agent
                 dialect = _Dialect(
@@ -726,22 +709,17 @@ class Neo4jStore(BaseStore):
             params["status"] = Status(status).value
         # One row more than asked for tells whether there is another page.
         statement = (
-            f"MATCH (n:{RECORD}) WHERE {where} RETURN {_COLUMNS}{_BLOB_COLUMNS if with_blob else ''} "
-            "ORDER BY n.key_hash LIMIT $limit"
+            f"MATCH (n:{RECORD}) WHERE {where} RETURN {_COLUMNS}{_BLOB_COLUMNS if with_blob else ''} ORDER BY n.key_hash LIMIT $limit"
         )
         with self._transaction(write=False) as tx:
             rows = self._run(tx, statement, params)
             page = rows[:limit]
-            records: list[StoredRecord | None] = (
-                self._read_records(tx, page) if with_blob else [self._decode(r, b"") for r in page]
-            )
+            records: list[StoredRecord | None] = self._read_records(tx, page) if with_blob else [self._decode(r, b"") for r in page]
         items: list[StoredRecord] = []
         for row, record in zip(page, records, strict=True):
             if record is None:  # its blob was replaced while we read: take the new version
                 record = self.get(row["key_hash"])
-                if record is None or (kind is not None and record.kind != kind) or (
-                    status is not None and record.status != status
-                ):
+                if record is None or (kind is not None and record.kind != kind) or (status is not None and record.status != status):
                     continue
             items.append(record)
         more = len(rows) > limit

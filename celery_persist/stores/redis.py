@@ -672,9 +672,7 @@ class RedisStore(BaseStore):
                 for rec in self._fetch(client, keys, with_blob=with_blob):
                     if rec is None:
                         continue  # deleted after the index read
-                    if (want_kind is None or rec.kind == want_kind) and (
-                        want_status is None or rec.status == want_status
-                    ):
+                    if (want_kind is None or rec.kind == want_kind) and (want_status is None or rec.status == want_status):
                         items.append(rec)
                 last = keys[-1]
                 if len(keys) < need:
@@ -783,8 +781,7 @@ class RedisStore(BaseStore):
         policy = str(info.get("maxmemory_policy", "unknown"))
         if policy != "noeviction":
             warnings.append(
-                f"maxmemory-policy is {policy!r}: Redis may evict records under memory pressure; "
-                "set maxmemory-policy noeviction"
+                f"maxmemory-policy is {policy!r}: Redis may evict records under memory pressure; set maxmemory-policy noeviction"
             )
         aof = str(info.get("aof_enabled", "0")) == "1"
         if save is None:
@@ -792,8 +789,7 @@ class RedisStore(BaseStore):
                 warnings.append("appendonly is off and CONFIG GET save was refused: check that RDB snapshots run")
         elif not aof and not save.strip():
             warnings.append(
-                "persistence is off (no RDB save points and appendonly no): a Redis restart loses every record; "
-                "enable appendonly yes"
+                "persistence is off (no RDB save points and appendonly no): a Redis restart loses every record; enable appendonly yes"
             )
         for field in ("rdb_last_bgsave_status", "aof_last_write_status"):
             if str(info.get(field, "ok")) != "ok":

@@ -42,7 +42,7 @@ def record(key: str, blob: bytes = b"blob", **changes: Any) -> StoredRecord:
         kind=Kind.SUSPENSION,
         status=Status.SUSPENDED,
         blob=blob,
-        metadata={"task": "demo", "prompt": "ok? it's \"fine\" \\o/"},
+        metadata={"task": "demo", "prompt": 'ok? it\'s "fine" \\o/'},
         created_at=NOW,
         expires_at=NOW + 60,
         due_at=NOW + 60,
@@ -96,8 +96,7 @@ def cypher(store: Neo4jStore, statement: str, **params: Any) -> list[dict[str, A
 
 
 def chunk_count(store: Neo4jStore, key: str) -> int:
-    rows = cypher(store, f"MATCH (c:{CHUNK}) WHERE c.ns = $ns AND c.key_hash = $key RETURN count(c) AS n",
-                  ns=store._prefix, key=key)
+    rows = cypher(store, f"MATCH (c:{CHUNK}) WHERE c.ns = $ns AND c.key_hash = $key RETURN count(c) AS n", ns=store._prefix, key=key)
     return int(rows[0]["n"])
 
 
@@ -119,8 +118,9 @@ def test_detects_falkordb_and_reports_it(open_falkor: Any) -> None:
 
 def test_node_layout_and_exact_values(open_falkor: Any) -> None:
     store = open_falkor()
-    rec = record(kh("layout"), created_at=0.1 + 0.2, due_at=None, updated_at=1e-9,
-                 metadata={"x": 0.1 + 0.2, "q": "it's \\ \"quoted\" \u2028"})
+    rec = record(
+        kh("layout"), created_at=0.1 + 0.2, due_at=None, updated_at=1e-9, metadata={"x": 0.1 + 0.2, "q": 'it\'s \\ "quoted" \u2028'}
+    )
     store.put(rec)
     rows = cypher(store, f"MATCH (n:{RECORD}) WHERE n.ns = $ns RETURN properties(n) AS p", ns=store._prefix)
     assert len(rows) == 1
@@ -315,9 +315,7 @@ def test_neo4j_schema_and_index_backed_due(neo4j_store: Neo4jStore) -> None:
     names = {r["name"] for r in cypher(neo4j_store, "SHOW CONSTRAINTS YIELD name RETURN name")}
     assert "celery_persist_record_key" in names
     with neo4j_store._transaction(write=False) as tx:
-        summary = tx.run(
-            f"EXPLAIN MATCH (n:{RECORD}) WHERE n.ns = $ns AND n.due_at <= $now RETURN n", {"ns": "x", "now": 1.0}
-        ).consume()
+        summary = tx.run(f"EXPLAIN MATCH (n:{RECORD}) WHERE n.ns = $ns AND n.due_at <= $now RETURN n", {"ns": "x", "now": 1.0}).consume()
     assert "IndexSeek" in str(summary.plan), "due() must seek the (ns, due_at) index"
 
 
@@ -329,6 +327,7 @@ def test_neo4j_blob_is_bytes_and_chunked_by_one_mib(neo4j_store: Neo4jStore) -> 
     got = neo4j_store.get(key)
     assert got is not None and got.blob == blob
     neo4j_store.put(record(key, b"inline"))
-    rows = cypher(neo4j_store, f"MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) RETURN n.blob AS b, n.meta AS m",
-                  ns=neo4j_store._prefix, key=key)
+    rows = cypher(
+        neo4j_store, f"MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) RETURN n.blob AS b, n.meta AS m", ns=neo4j_store._prefix, key=key
+    )
     assert bytes(rows[0]["b"]) == b"inline" and rows[0]["m"].startswith("{")

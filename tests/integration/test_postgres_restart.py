@@ -48,8 +48,9 @@ def test_connections_dropped_mid_race(app_name: str) -> None:
     try:
         now = time.time()
         hashes = [uuid.uuid4().hex + uuid.uuid4().hex for _ in range(N)]
-        store.put_many(StoredRecord(kh, Kind.SUSPENSION, Status.SUSPENDED, b"x" * 512, {"n": i}, now, None, None, now)
-                       for i, kh in enumerate(hashes))
+        store.put_many(
+            StoredRecord(kh, Kind.SUSPENSION, Status.SUSPENDED, b"x" * 512, {"n": i}, now, None, None, now) for i, kh in enumerate(hashes)
+        )
         wins: list[str] = []
         unavailable = 0
         lock = threading.Lock()

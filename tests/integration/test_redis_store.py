@@ -66,8 +66,15 @@ def free_port() -> int:
     pytest.fail("no free TCP port at or below 55535")
 
 
-def record(i: int, *, blob: bytes | None = None, kind: Kind = Kind.SUSPENSION, status: Status = Status.SUSPENDED,
-           due_at: float | None = None, now: float = 1_700_000_000.0) -> StoredRecord:
+def record(
+    i: int,
+    *,
+    blob: bytes | None = None,
+    kind: Kind = Kind.SUSPENSION,
+    status: Status = Status.SUSPENDED,
+    due_at: float | None = None,
+    now: float = 1_700_000_000.0,
+) -> StoredRecord:
     return StoredRecord(
         key_hash=f"{i:064x}",
         kind=kind,
@@ -150,8 +157,7 @@ class RedisServer:
         if self.sentinel_of is not None:
             conf = self.dir / "sentinel.conf"
             conf.write_text(
-                f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
-                f"sentinel monitor mymaster 127.0.0.1 {self.sentinel_of.port} 1\n"
+                f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\nsentinel monitor mymaster 127.0.0.1 {self.sentinel_of.port} 1\n"
             )
             return [self.binary, str(conf), "--sentinel"]
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
@@ -168,8 +174,9 @@ class RedisServer:
         assert self.proc is not None
         if self.proc.poll() is not None:
             pytest.fail(f"redis-server exited: {(self.dir / 'server.log').read_text()[-2000:]}")
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1,
-                             password=self.options.get("requirepass"))
+        client = redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1, password=self.options.get("requirepass")
+        )
         try:
             return bool(client.ping())
         except redis.RedisError:
@@ -249,9 +256,7 @@ def test_every_key_of_a_prefix_shares_one_hash_slot(store: RedisStore, shared_ur
     client = redis.Redis.from_url(shared_url)
     try:
         assert client.zscore(f"{tag}:due", recs[2].key_hash) == recs[2].due_at
-        assert client.zrangebylex(f"{tag}:ix", "-", "+") == sorted(
-            f"suspension:suspended:{r.key_hash}".encode() for r in recs
-        )
+        assert client.zrangebylex(f"{tag}:ix", "-", "+") == sorted(f"suspension:suspended:{r.key_hash}".encode() for r in recs)
         assert store.transition(recs[2].key_hash, {Status.SUSPENDED}, Status.CLAIMED, due_at=None, now=1.0)
         assert client.zscore(f"{tag}:due", recs[2].key_hash) is None
         assert client.zscore(f"{tag}:ix", f"suspension:claimed:{recs[2].key_hash}") == 0
@@ -268,9 +273,17 @@ def test_every_key_of_a_prefix_shares_one_hash_slot(store: RedisStore, shared_ur
 def test_floats_and_metadata_round_trip_exactly(store: RedisStore) -> None:
     awkward = [0.1 + 0.2, 5e-324, 1.7976931348623157e308, -0.0, 1_700_000_000.123456789, 2.0**53 + 1]
     for i, value in enumerate(awkward):
-        rec = StoredRecord(f"{i:064x}", Kind.CHECKPOINT, Status.ACTIVE, b"\x00\xff" * 3,
-                           {"v": value, "nested": {"l": [value, None, True, "é"]}},
-                           created_at=value, expires_at=value, due_at=value, updated_at=value)
+        rec = StoredRecord(
+            f"{i:064x}",
+            Kind.CHECKPOINT,
+            Status.ACTIVE,
+            b"\x00\xff" * 3,
+            {"v": value, "nested": {"l": [value, None, True, "é"]}},
+            created_at=value,
+            expires_at=value,
+            due_at=value,
+            updated_at=value,
+        )
         store.put(rec)
         got = store.get(rec.key_hash)
         assert got == rec
@@ -281,10 +294,13 @@ def test_put_many_chunks_large_blobs_and_duplicates(store: RedisStore) -> None:
     # 2,600 records cross the 1,000-record MULTI chunks and 250-record script batches;
     # blobs over 64 KiB take the separate SET; a duplicate key keeps its last version.
     recs = [
-        record(i, blob=(bytes([i % 251]) * 70_000) if i % 500 == 7 else None,
-               kind=Kind.CHECKPOINT if i % 3 == 0 else Kind.SUSPENSION,
-               status=Status.ACTIVE if i % 3 == 0 else (Status.SUSPENDED if i % 3 == 1 else Status.CLAIMED),
-               due_at=1_800_000_000.0 + (i * 7919) % 2600)
+        record(
+            i,
+            blob=(bytes([i % 251]) * 70_000) if i % 500 == 7 else None,
+            kind=Kind.CHECKPOINT if i % 3 == 0 else Kind.SUSPENSION,
+            status=Status.ACTIVE if i % 3 == 0 else (Status.SUSPENDED if i % 3 == 1 else Status.CLAIMED),
+            due_at=1_800_000_000.0 + (i * 7919) % 2600,
+        )
         for i in range(2600)
     ]
     recs.append(recs[10].replace(blob=b"L" * 100_000, status=Status.CANCELLED, kind=Kind.SUSPENSION))
@@ -304,15 +320,22 @@ def test_put_many_chunks_large_blobs_and_duplicates(store: RedisStore) -> None:
             if cursor is None:
                 return seen
 
-    for filters in ({}, {"status": Status.SUSPENDED}, {"kind": Kind.SUSPENSION},
-                    {"kind": Kind.CHECKPOINT, "status": Status.ACTIVE}, {"status": Status.CANCELLED}):
-        want = sorted(kh for kh, r in final.items()
-                      if r.kind == filters.get("kind", r.kind) and r.status == filters.get("status", r.status))
+    for filters in (
+        {},
+        {"status": Status.SUSPENDED},
+        {"kind": Kind.SUSPENSION},
+        {"kind": Kind.CHECKPOINT, "status": Status.ACTIVE},
+        {"status": Status.CANCELLED},
+    ):
+        want = sorted(
+            kh for kh, r in final.items() if r.kind == filters.get("kind", r.kind) and r.status == filters.get("status", r.status)
+        )
         assert walk(**filters) == want, filters
 
     due = store.due(1_800_000_000.0 + 99, 1000)
-    assert [r.key_hash for r in due] == [kh for _, kh in sorted((r.due_at, kh) for kh, r in final.items()
-                                                                  if r.due_at is not None and r.due_at <= 1_800_000_099)]
+    assert [r.key_hash for r in due] == [
+        kh for _, kh in sorted((r.due_at, kh) for kh, r in final.items() if r.due_at is not None and r.due_at <= 1_800_000_099)
+    ]
     assert all(r.blob == final[r.key_hash].blob for r in due)
 
 
@@ -364,9 +387,7 @@ def test_unreachable_server_is_store_unavailable_and_health_does_not_raise() -> 
 # -- errors and configuration ----------------------------------------------------
 
 
-def test_foreign_value_under_the_prefix_is_a_clear_configuration_error(
-    store: RedisStore, shared_url: str, prefix: str
-) -> None:
+def test_foreign_value_under_the_prefix_is_a_clear_configuration_error(store: RedisStore, shared_url: str, prefix: str) -> None:
     store.put(record(1))
     client = redis.Redis.from_url(shared_url)
     try:
@@ -616,8 +637,7 @@ def test_server_restart_mid_run_loses_no_record_and_doubles_no_claim(servers: Ca
                     deadline = time.monotonic() + 60
                     while True:
                         try:
-                            won = s.transition(rec.key_hash, {Status.SUSPENDED}, Status.CLAIMED,
-                                               due_at=2e9, now=time.time())
+                            won = s.transition(rec.key_hash, {Status.SUSPENDED}, Status.CLAIMED, due_at=2e9, now=time.time())
                             break
                         except StoreUnavailable:
                             with lock:

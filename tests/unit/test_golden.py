@@ -150,4 +150,3 @@ def test_golden_encrypted_record_needs_its_key() -> None:
     blob, sidecar = _load(path)
     with pytest.raises(EncryptionError):
         _golden_hub(blob, sidecar, keyring=Keyring([(GOLDEN_KEY_ID, bytes(32))])).load(sidecar["key"])
-
