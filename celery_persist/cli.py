@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
+from . import flow, journal
 from .errors import (
     AlreadyResumed,
     ConfigurationError,
@@ -36,10 +38,9 @@ from .errors import (
     SuspensionExpired,
     SuspensionNotFound,
 )
-
-if TYPE_CHECKING:
-    from .hub import PersistenceHub, Suspension
-    from .persist import Persist
+from .hub import PersistenceHub, Suspension
+from .registry import Binding, binding_of
+from .stores import open_store
 
 __all__ = ["persist", "main"]
 
@@ -56,9 +57,9 @@ _EXIT = (
 class _Ops:
     """What a command works with: a hub, and the Persist of an app when there is one."""
 
-    def __init__(self, hub: PersistenceHub, persist: Persist | None = None) -> None:
+    def __init__(self, hub: PersistenceHub, binding: Binding | None = None) -> None:
         self._hub: PersistenceHub | None = hub
-        self.persist = persist
+        self.binding = binding
 
     @property
     def hub(self) -> PersistenceHub:
@@ -169,9 +170,7 @@ def show_cmd(ops: _Ops, key: str, reveal_state: bool, as_json: bool) -> None:
     doc["chain"] = md.get("chain_tasks") or []
     doc["on_timeout"] = md.get("on_timeout")
     if md.get("kind") == "task" and md.get("task_id"):
-        from .task import journal_name
-
-        record = ops.hub.checkpoint_record(journal_name(str(md["task_id"])))
+        record = ops.hub.checkpoint_record(journal.name_of(str(md["task_id"])))
         if record is not None:
             doc["last_checkpoint_at"] = record.metadata.get("checkpoint_at")
             doc["worker"] = record.metadata.get("worker")
@@ -192,7 +191,7 @@ def show_cmd(ops: _Ops, key: str, reveal_state: bool, as_json: bool) -> None:
 def cancel_cmd(ops: _Ops, key: str) -> None:
     """Cancel a suspension (its parked task becomes REVOKED)."""
     with _errors():
-        s = ops.persist.cancel(key) if ops.persist else ops.hub.cancel(key)
+        s = flow.cancel(ops.binding, key) if ops.binding else ops.hub.cancel(key)
     click.echo(f"cancelled suspension {s.fingerprint}")
 
 
@@ -210,12 +209,12 @@ def cleanup_cmd(ops: _Ops, dry_run: bool) -> None:
                 counts[label] = counts.get(label, 0) + 1
             click.echo(f"{len(due)} record(s) due" + "".join(f"\n  {k}: {v}" for k, v in sorted(counts.items())))
             return
-        if ops.persist is None:
+        if ops.binding is None:
             raise click.UsageError(
                 "cleanup runs timeout policies (errbacks, defaults) through the Celery app: "
                 "use `celery -A proj persist cleanup`, or --dry-run here"
             )
-        n = ops.persist.cleanup()
+        n = flow.cleanup(ops.binding)
     click.echo(f"cleaned up {n} record(s)")
 
 
@@ -269,14 +268,12 @@ _SHARED: tuple[click.Command, ...] = (list_cmd, show_cmd, cancel_cmd, cleanup_cm
 @click.pass_context
 def persist(ctx: click.Context) -> None:
     """Inspect and operate celery-persist suspensions of the app (-A)."""
-    from .persist import Persist
-
     app = getattr(ctx.obj, "app", None)
     if app is None:
         raise click.UsageError("run it as `celery -A proj persist ...`")
     with _errors():
-        p = Persist.of(app)
-        ctx.obj = _Ops(p.ready(), p)
+        binding = binding_of(app)
+        ctx.obj = _Ops(binding.ready(), binding)
 
 
 @click.command("resume")
@@ -287,9 +284,9 @@ def persist(ctx: click.Context) -> None:
 def resume_cmd(ops: _Ops, key: str, input_json: str | None, input_file: str | None) -> None:
     """Resume a parked flow with an input."""
     value = _read_input(input_json, input_file)
-    assert ops.persist is not None
+    assert ops.binding is not None
     with _errors():
-        result = ops.persist.resume(key, value)
+        result = flow.resume(ops.binding, key, value)
     click.echo(f"resumed; continuation task id {result.id}")
 
 
@@ -319,14 +316,11 @@ class _StoreOps(_Ops):
     def __init__(self, url: str | None, options: dict[str, Any]) -> None:
         self._url, self._options = url, options
         self._hub: PersistenceHub | None = None
-        self.persist = None
+        self.binding = None
 
     @property
     def hub(self) -> PersistenceHub:
         if self._hub is None:
-            from .hub import PersistenceHub
-            from .stores import open_store
-
             if not self._url:
                 raise click.UsageError("name the store with --store URL (or CELERY_PERSIST_STORE_URL)")
             with _errors():
@@ -366,7 +360,7 @@ for _cmd in _SHARED:
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default=".celery-persist-demo", show_default=True)
 def demo_cmd(directory: str) -> None:
     """Park an approval flow, restart the worker, resume it: no server needed."""
-    os.environ["CELERY_PERSIST_DEMO_DIR"] = os.path.abspath(directory)
-    from . import demo
-
-    demo.run()
+    # The demo runs in its own interpreter: its module builds a Celery app and
+    # registers the shared tasks, which a `celery` command must not do to every app.
+    proc = subprocess.run([sys.executable, "-m", "celery_persist.demo", os.path.abspath(directory)], check=False)  # noqa: S603
+    sys.exit(proc.returncode)

@@ -6,9 +6,10 @@ directory. The command starts a worker subprocess, parks an approval flow,
 stops the worker, shows the suspension is still in the store, starts a new
 worker, resumes the flow and prints its result.
 
-The app below is also what the worker subprocess imports (``-A
-celery_persist.demo``); ``CELERY_PERSIST_DEMO_DIR`` tells both where to keep
-their files.
+The worker subprocess imports the same app from :mod:`celery_persist.demo_app`
+(``-A celery_persist.demo_app``); ``CELERY_PERSIST_DEMO_DIR`` tells it where
+the files are. Importing this module builds nothing: the CLI imports it at
+its top.
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ from celery import Celery, chain
 from .persist import Persist
 from .tasks import await_input
 
-__all__ = ["app", "run"]
+__all__ = ["make_app", "directory", "run"]
 
-_DIR = Path(os.environ.get("CELERY_PERSIST_DEMO_DIR", ".celery-persist-demo")).resolve()
+DIR_ENV = "CELERY_PERSIST_DEMO_DIR"
+
+
+def directory() -> Path:
+    """The demo's directory, as the runner hands it to its workers."""
+    return Path(os.environ.get(DIR_ENV, ".celery-persist-demo")).resolve()
 
 
 def _demo_keys(base: Path) -> str:
@@ -42,7 +48,8 @@ def _demo_keys(base: Path) -> str:
     return f"demo:{path.read_text().strip()}"
 
 
-def _make_app(base: Path) -> Celery:
+def make_app(base: Path) -> Celery:
+    """The demo app (its tasks and ``Persist(app)`` included), keeping every file under ``base``."""
     queue = base / "queue"
     for sub in ("queue", "processed", "results", "control"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -70,19 +77,16 @@ def _make_app(base: Path) -> Celery:
         persist_send_events=False,
         persist_cleanup_interval=None,
     )
+    demo.task(name="demo.prepare_expense")(prepare_expense)
+    demo.task(name="demo.book_expense")(book_expense)
+    Persist(demo)
     return demo
 
 
-app = _make_app(_DIR)
-persist = Persist(app)
-
-
-@app.task(name="demo.prepare_expense")
 def prepare_expense(expense_id: int, amount: float) -> dict[str, Any]:
     return {"expense_id": expense_id, "amount": amount, "checked": True}
 
 
-@app.task(name="demo.book_expense")
 def book_expense(decision: dict[str, Any]) -> str:
     verdict = "booked" if decision.get("input", {}).get("approved") else "rejected"
     expense = decision["previous"]
@@ -94,7 +98,7 @@ def _say(msg: str) -> None:
 
 
 def _start_worker(base: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "CELERY_PERSIST_DEMO_DIR": str(base)}
+    env = {**os.environ, DIR_ENV: str(base)}
     log = open(base / "worker.log", "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
         [
@@ -102,7 +106,7 @@ def _start_worker(base: Path) -> subprocess.Popen[bytes]:
             "-m",
             "celery",
             "-A",
-            "celery_persist.demo",
+            "celery_persist.demo_app",
             "worker",
             "--pool=solo",
             "--without-gossip",
@@ -141,11 +145,11 @@ def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def run(base: Path | None = None) -> str:
-    """Run the demo end to end; returns the flow's result."""
-    base = (base or _DIR).resolve()
-    if base != _DIR:
-        raise RuntimeError("run the demo through `celery-persist demo --dir DIR` so the worker shares the directory")
+def run(base: Path) -> str:
+    """Run the demo end to end in ``base``; returns the flow's result."""
+    base = base.resolve()
+    app = make_app(base)
+    persist = Persist.of(app)
     started = time.monotonic()
     _say(f"working directory: {base} (store: sqlite, broker: filesystem, results: files)")
     _say(f"states are encrypted with AES-256-GCM (key id {persist.hub.keyring.active_id if persist.hub.keyring else '-'})")
@@ -154,9 +158,9 @@ def run(base: Path | None = None) -> str:
         _wait_ready(worker, base)
         _say("worker started")
         flow = chain(
-            prepare_expense.s(42, 1234.5),
+            app.signature("demo.prepare_expense", (42, 1234.5)),
             await_input.s(prompt="Approve expense #42 (EUR 1234.50)?", timeout=3600, include_previous=True),
-            book_expense.s(),
+            app.signature("demo.book_expense"),
         )
         result = flow.apply_async()
         key = persist.suspension_key(result, timeout=30)
@@ -180,3 +184,9 @@ def run(base: Path | None = None) -> str:
         return value
     finally:
         _stop_worker(worker)
+
+
+if __name__ == "__main__":
+    # `celery-persist demo [--dir DIR]` runs `python -m celery_persist.demo DIR`.
+    os.environ[DIR_ENV] = str(Path(sys.argv[1] if len(sys.argv) > 1 else directory()).resolve())
+    run(directory())

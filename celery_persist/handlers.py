@@ -6,8 +6,10 @@
   where without decrypting anything.
 * ``task_postrun``: on SUCCESS delete the journal (the work is done); otherwise
   stamp the outcome and end time on it, and keep it until its ttl.
-* ``task_failure`` / ``task_retry`` / ``task_revoked``: stamp the outcome.
+* ``task_revoked``: stamp the outcome.
 
+A task takes part when its class says ``persist_journal = True`` (as
+``PersistentTask`` does), so this module needs nothing above the journal.
 Connected once per process (signals are global), with dispatch uids so a
 second ``Persist(app)`` does not connect twice.
 """
@@ -21,7 +23,9 @@ from typing import Any
 
 from celery import signals
 
+from . import journal
 from .errors import PersistenceError
+from .registry import binding_of
 
 __all__ = ["connect"]
 
@@ -30,9 +34,7 @@ _connected = False
 
 
 def _is_persistent(task: Any) -> bool:
-    from .task import PersistentTask
-
-    return isinstance(task, PersistentTask)
+    return getattr(task, "persist_journal", False) is True
 
 
 def _args_fingerprint(args: Any, kwargs: Any) -> str:
@@ -55,17 +57,8 @@ def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, 
 
 
 def _stamp(task: Any, task_id: str, outcome: str) -> None:
-    from .task import journal_name
-
     try:
-        hub = task.persist.ready()
-        name = journal_name(task_id)
-        record = hub.checkpoint_record(name)
-        if record is None:
-            return
-        metadata = {**record.metadata, **(getattr(task.request, "_persist_run", None) or {})}
-        metadata.update(outcome=outcome, ended_at=time.time())
-        hub.save_checkpoint(name, hub.load_checkpoint(name), ttl=task.persist.config.checkpoint_ttl, metadata=metadata)
+        journal.stamp(binding_of(task.app), task_id, outcome, getattr(task.request, "_persist_run", None))
     except PersistenceError:
         logger.warning("celery-persist: could not record the %s of task %s", outcome, task_id, exc_info=True)
 
@@ -73,11 +66,9 @@ def _stamp(task: Any, task_id: str, outcome: str) -> None:
 def on_postrun(sender: Any = None, task_id: str | None = None, task: Any = None, state: str | None = None, **_: Any) -> None:
     if not _is_persistent(task) or task_id is None:
         return
-    from .task import journal_name
-
     if state == "SUCCESS":
         try:
-            task.persist.ready().delete_checkpoint(journal_name(task_id))
+            journal.discard(binding_of(task.app), task_id)
         except PersistenceError:
             logger.warning("celery-persist: could not delete the checkpoint of task %s", task_id, exc_info=True)
     elif state in ("FAILURE", "RETRY", "REVOKED"):

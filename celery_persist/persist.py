@@ -1,50 +1,42 @@
-"""``Persist(app)``: bind celery-persist to one Celery app.
+"""``Persist(app)``: celery-persist bound to one Celery app, and what its users call.
 
-It reads the ``persist_*`` settings once (registering their defaults with
-``app.add_defaults``), builds the hub over the configured store, makes sure the
-``celery_persist.*`` tasks are registered with the app, connects the signal
-handlers, and adds the cleanup entry to ``beat_schedule``. Calling it twice for
+``Persist(app)`` binds the app (:func:`celery_persist.registry.bind`: reads the
+``persist_*`` settings once, builds the hub over the configured store, adds
+the cleanup entry to ``beat_schedule``), makes sure the ``celery_persist.*``
+tasks are registered with the app (importing :mod:`celery_persist.tasks` does
+that for every app), and connects the signal receivers. Calling it twice for
 one app returns the same object; :meth:`Persist.of` finds it. Nothing happens
 at import time.
 
-The instance lives in a module-level weak map, not as an attribute on the
-app, so the app object stays as Celery made it.
-
-The store URL is masked in ``app.conf`` once read when it carries a password:
-Celery's ``inspect conf`` and ``celery report`` censor only names that look
-secret (KEY, SECRET, PASS...), and ``persist_store_url`` does not.
+This is the top floor of the Celery layer: its operations call down into
+:mod:`~celery_persist.flow` (resume, cancel, cleanup) and
+:mod:`~celery_persist.journal` (checkpoints); only the CLI sits above it.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from . import flow, handlers, journal
+from . import tasks as _tasks  # noqa: F401 - importing it attaches the shared tasks to every app
 from .config import PersistConfig
-from .crypto import Keyring
 from .errors import ConfigurationError, PersistenceError, SuspensionNotFound
+from .flow import SUSPENDED
 from .hub import PersistenceHub, Suspension
-from .serializer import StateSerializer
-from .stores import mask_url, open_store
+from .keys import key_hash
+from .registry import BEAT_ENTRY, CLEANUP_TASK, Binding, bind, lock
+from .stores.base import Status
 
 if TYPE_CHECKING:
     from celery import Celery
     from celery.result import AsyncResult
 
-__all__ = ["Persist", "SUSPENDED"]
-
-logger = logging.getLogger(__name__)
-
-#: Result-backend state of a parked task (Flower derives the same name from ``task-suspended``).
-SUSPENDED = "SUSPENDED"
-CLEANUP_TASK = "celery_persist.cleanup"
-BEAT_ENTRY = "celery-persist-cleanup"
+__all__ = ["Persist", "SUSPENDED", "BEAT_ENTRY", "CLEANUP_TASK"]
 
 _instances: weakref.WeakKeyDictionary[Any, Persist] = weakref.WeakKeyDictionary()
-_lock = threading.RLock()
 
 
 class Persist:
@@ -63,19 +55,17 @@ class Persist:
         >>> persist.resume(key, {"approved": True})
     """
 
-    app: Celery
-    config: PersistConfig
-    hub: PersistenceHub
+    binding: Binding
 
     def __new__(cls, app: Celery, **overrides: Any) -> Persist:
-        with _lock:
+        with lock:
             existing = _instances.get(app)
             if existing is not None:
-                if overrides:
-                    logger.debug("celery-persist: Persist(app) already bound; overrides ignored")
+                bind(app, **overrides)  # logs that the overrides are ignored
                 return existing
             self = super().__new__(cls)
-            self._setup(app, **overrides)
+            self.binding = bind(app, **overrides)
+            handlers.connect()
             _instances[app] = self
             return self
 
@@ -86,53 +76,30 @@ class Persist:
     @classmethod
     def of(cls, app: Celery) -> Persist:
         """The instance bound to ``app``, created from ``app.conf`` if there is none yet."""
-        with _lock:
+        with lock:
             existing = _instances.get(app)
         return existing if existing is not None else cls(app)
 
-    def _setup(self, app: Celery, **overrides: Any) -> None:
-        self.app = app
-        app.add_defaults(PersistConfig.defaults())
-        self.config = cfg = PersistConfig.from_app(app, **overrides)
-        masked = mask_url(cfg.store_url)
-        if masked != cfg.store_url and app.conf.get("persist_store_url") == cfg.store_url:
-            app.conf["persist_store_url"] = masked
-        keyring = Keyring.parse(cfg.keys) if cfg.keys and cfg.encryption != "off" else None
-        serializer = StateSerializer(cfg.codec, cfg.compression, cfg.compression_threshold, max_size=cfg.max_state_size)
-        store = open_store(cfg.store_url, **dict(cfg.store_options))
-        self.hub = PersistenceHub(
-            store,
-            keyring=keyring,
-            serializer=serializer,
-            signing_secret=cfg.signing_secret,
-            encryption=cfg.encryption,
-            lease=cfg.lease,
-            retention=cfg.retention,
-            max_state_size=cfg.max_state_size,
-        )
-        if cfg.metrics:
-            _shared_metrics().attach(self.hub)
-        self._store_ready = False
-        self._setup_lock = threading.Lock()
-        # Importing the tasks module attaches the shared tasks to every app, this one included.
-        from . import handlers, tasks  # noqa: F401
+    @property
+    def app(self) -> Celery:
+        """The Celery app."""
+        return self.binding.app
 
-        handlers.connect()
-        if cfg.cleanup_interval:
-            schedule = dict(app.conf.beat_schedule or {})
-            schedule.setdefault(BEAT_ENTRY, {"task": CLEANUP_TASK, "schedule": float(cfg.cleanup_interval)})
-            app.conf.beat_schedule = schedule
+    @property
+    def config(self) -> PersistConfig:
+        """The app's frozen ``persist_*`` settings."""
+        return self.binding.config
+
+    @property
+    def hub(self) -> PersistenceHub:
+        """The hub over the app's store (:meth:`ready` also sets the store up)."""
+        return self.binding.hub
 
     # -- store access --------------------------------------------------------------------------
 
     def ready(self) -> PersistenceHub:
         """The hub, with the store's tables/indexes created (once per process)."""
-        if not self._store_ready:
-            with self._setup_lock:
-                if not self._store_ready:
-                    self.hub.store.setup()
-                    self._store_ready = True
-        return self.hub
+        return self.binding.ready()
 
     # -- the public operations -----------------------------------------------------------------
 
@@ -150,20 +117,11 @@ class Persist:
             InvalidKey, SuspensionNotFound, AlreadyResumed, SuspensionExpired,
             SuspensionCancelled, StoreUnavailable.
         """
-        from . import canvas
-
-        hub = self.ready()
-        with hub.claiming(key, input) as suspension:
-            result = canvas.continue_flow(self, suspension, input)
-        return result
+        return flow.resume(self.binding, key, input)
 
     def cancel(self, key: str) -> Suspension:
         """End a suspension; the parked task (and what was chained after it) become REVOKED."""
-        from . import canvas
-
-        suspension = self.ready().cancel(key)
-        canvas.revoke_flow(self, suspension)
-        return suspension
+        return flow.cancel(self.binding, key)
 
     def load(self, key: str) -> Suspension:
         """Read a suspension (with its state) without changing it."""
@@ -171,9 +129,7 @@ class Persist:
 
     def cleanup(self, now: float | None = None) -> int:
         """Apply timeouts, re-open lapsed leases, prune expired records (what the beat task runs)."""
-        from . import canvas
-
-        return self.ready().cleanup(now, on_expired=lambda s: canvas.expire_flow(self, s))
+        return flow.cleanup(self.binding, now)
 
     def suspension_key(self, result: AsyncResult, timeout: float | None = 10.0, interval: float = 0.05) -> str:
         """Wait until some step of ``result``'s flow is SUSPENDED and return its key.
@@ -186,8 +142,6 @@ class Persist:
             ConfigurationError: ``persist_key_in_result`` is off (deliver keys with ``notify``).
             SuspensionNotFound: The flow finished without suspending.
         """
-        import time
-
         if not self.config.key_in_result:
             raise ConfigurationError("persist_key_in_result is off, so keys are not in the result backend; deliver them with notify=")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -214,9 +168,6 @@ class Persist:
         the result backend until a worker re-runs it; that key must not be handed
         out as the task's current one.
         """
-        from .keys import key_hash
-        from .stores.base import Status
-
         try:
             record = self.ready().store.get(key_hash(key))
         except PersistenceError:
@@ -225,10 +176,7 @@ class Persist:
 
     def checkpoint_state(self, task_id: str) -> Any:
         """The last state a PersistentTask with this id checkpointed, or None."""
-        from .task import journal_name
-
-        journal = self.ready().load_checkpoint(journal_name(task_id))
-        return journal.get("state") if isinstance(journal, dict) else None
+        return journal.checkpoint_state(self.binding, task_id)
 
     def health(self) -> dict[str, Any]:
         try:
@@ -238,20 +186,6 @@ class Persist:
 
     def __repr__(self) -> str:
         return f"<Persist app={self.app.main!r} store={self.hub.store.name}>"
-
-
-_metrics: Any = None
-
-
-def _shared_metrics() -> Any:
-    """One PrometheusMetrics per process (on the default registry) for every bound app."""
-    global _metrics
-    with _lock:
-        if _metrics is None:
-            from .metrics import PrometheusMetrics
-
-            _metrics = PrometheusMetrics()
-        return _metrics
 
 
 def _lineage(result: AsyncResult) -> Iterator[AsyncResult]:

@@ -1,52 +1,33 @@
 """``PersistentTask``: a Task base class that checkpoints and can wait for input mid-task.
 
-Each task id has one *journal* record in the store (a checkpoint, encrypted
-like every state): ``{"state": <last checkpoint>, "inputs": [<resume inputs>]}``.
+The task's progress lives in its journal (:mod:`celery_persist.journal`):
 
 * ``self.checkpoint(state)`` rewrites the journal before returning, so a
   re-execution of the same task id (retry, redelivery after the worker was
   killed, resume) starts with ``self.checkpoint_state`` equal to it.
 * ``self.await_input()`` returns the n-th recorded input on its n-th call;
-  past the end it parks the task (args, kwargs, chain, callbacks and the
-  journal stay stored), frees the worker slot, and on resume the input is
-  appended and the task is sent again with the same id and arguments.
-* On success the journal is deleted (by the ``task_postrun`` handler); on
-  failure it stays until ``persist_checkpoint_ttl`` for inspection.
+  past the end it parks the task (:func:`celery_persist.flow.park`: args,
+  kwargs, chain, callbacks and the journal stay stored), frees the worker
+  slot, and on resume the input is appended and the task is sent again with
+  the same id and arguments.
+* On success the journal is deleted (by the ``task_postrun`` receiver in
+  :mod:`celery_persist.handlers`); on failure it stays until
+  ``persist_checkpoint_ttl`` for inspection.
 """
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Task
 
+from . import flow, handlers, journal
+from .registry import Binding, binding_of
+
 if TYPE_CHECKING:
-    from .persist import Persist
+    from celery import Celery
 
-__all__ = ["PersistentTask", "journal_name", "journal_record_input"]
-
-_MISSING = object()
-
-
-def journal_name(task_id: str) -> str:
-    return f"task:{task_id}"
-
-
-def _empty() -> dict[str, Any]:
-    return {"state": None, "has_state": False, "inputs": []}
-
-
-def journal_record_input(persist: Persist, task_id: str, index: int, value: Any) -> None:
-    """Store ``value`` as the input of the ``index``-th await of ``task_id`` (idempotent)."""
-    hub = persist.ready()
-    name = journal_name(task_id)
-    journal = hub.load_checkpoint(name) or _empty()
-    inputs = list(journal.get("inputs", []))[:index]
-    inputs.append(value)
-    journal["inputs"] = inputs
-    record = hub.checkpoint_record(name)
-    hub.save_checkpoint(name, journal, ttl=persist.config.checkpoint_ttl, metadata=dict(record.metadata) if record else None)
+__all__ = ["PersistentTask"]
 
 
 class PersistentTask(Task):  # type: ignore[misc]
@@ -70,20 +51,28 @@ class PersistentTask(Task):  # type: ignore[misc]
     #: ``timeout`` (None: the app's ``persist_default_timeout``).
     await_timeout: float | None = None
 
+    #: Tells the signal receivers to keep this task's run record and journal.
+    persist_journal: ClassVar[bool] = True
+
+    @classmethod
+    def bind(cls, app: Celery) -> Any:
+        # Celery binds every task class to its app when the app is finalized:
+        # the receivers that keep the run record must be connected by then.
+        handlers.connect()
+        return super().bind(app)
+
     @property
-    def persist(self) -> Persist:
-        """The :class:`~celery_persist.Persist` bound to this task's app."""
-        from .persist import Persist
+    def persist(self) -> Binding:
+        """The celery-persist binding (settings, store, hub) of this task's app."""
+        return binding_of(self.app)
 
-        return Persist.of(self.app)
-
-    def _journal(self) -> dict[str, Any]:
+    def _journal(self) -> journal.Journal:
         req = self.request
-        journal = getattr(req, "_persist_journal", None)
-        if journal is None:
-            journal = self.persist.ready().load_checkpoint(journal_name(req.id)) or _empty()
-            req._persist_journal = journal
-        return journal
+        current: journal.Journal | None = getattr(req, "_persist_journal", None)
+        if current is None:
+            current = journal.load(self.persist, req.id)
+            req._persist_journal = current
+        return current
 
     @property
     def checkpoint_state(self) -> Any:
@@ -97,15 +86,8 @@ class PersistentTask(Task):  # type: ignore[misc]
             StateTooLarge, SerializationError: ``state`` cannot be stored.
             StoreUnavailable: The store is down (the previous checkpoint stays).
         """
-        journal = dict(self._journal())
-        journal["state"] = state
-        journal["has_state"] = True
-        metadata = dict(getattr(self.request, "_persist_run", None) or {})
-        metadata["checkpoint_at"] = time.time()
-        self.persist.ready().save_checkpoint(
-            journal_name(self.request.id), journal, ttl=self.persist.config.checkpoint_ttl, metadata=metadata
-        )
-        self.request._persist_journal = journal
+        req = self.request
+        req._persist_journal = journal.save_state(self.persist, req.id, self._journal(), state, getattr(req, "_persist_run", None))
 
     def await_input(
         self,
@@ -131,16 +113,13 @@ class PersistentTask(Task):  # type: ignore[misc]
             default: Input used on timeout with ``on_timeout="default"``.
             notify: Signature applied with ``(key, info)`` once parked.
         """
-        from .canvas import capture
-        from .tasks import park
-
         req = self.request
         index = getattr(req, "_persist_calls", 0)
         req._persist_calls = index + 1
         inputs = self._journal()["inputs"]
         if index < len(inputs):
             return inputs[index]
-        state = capture(
+        state = flow.capture(
             req,
             kind="task",
             args=list(req.args or ()),
@@ -150,9 +129,10 @@ class PersistentTask(Task):  # type: ignore[misc]
             default=default,
             prompt=prompt,
         )
-        park(
+        flow.park(
             self,
-            dict(state),
+            self.persist,
+            state,
             prompt=prompt,
             timeout=self.await_timeout if timeout is None else timeout,
             on_timeout=on_timeout,

@@ -60,7 +60,7 @@ from collections import Counter
 from contextlib import closing
 from typing import Any
 
-from celery_persist.task import journal_name
+from celery_persist.journal import name_of as journal_name
 from examples._embedded import Run, embedded_broker, example_dir, main, wait_for
 from examples.etl.app import expected_total, load_orders, persist, write_source
 

@@ -13,8 +13,8 @@ from celery import chain
 from celery.result import AsyncResult
 
 from celery_persist import PersistentTask
+from celery_persist.journal import name_of as journal_name
 from celery_persist.persist import SUSPENDED
-from celery_persist.task import journal_name
 from tests.e2e.harness import Stack, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""Capture what comes after a parked step, and send it on when the step resumes.
+"""A parked flow: capture what comes after a step, park it, and send it on when it resumes.
 
 A parked flow is one suspension whose (encrypted) state is a
 :class:`FlowState` dict: the rest of the chain exactly as Celery carries it in
@@ -8,6 +8,13 @@ previous step's result and the timeout policy. Because the continuation lives
 inside the authenticated blob, someone who can write to the store cannot
 redirect what runs on resume.
 
+The life of a flow, one function each: :func:`capture` (what to run later),
+:func:`park` (store it, show SUSPENDED, stop the chain), :func:`continue_flow`
+(on resume), :func:`expire_flow` (on timeout, from cleanup) and
+:func:`revoke_flow` (on cancel). :func:`resume`, :func:`cancel` and
+:func:`cleanup` wrap them in the hub's claim, cancel and cleanup; both
+``Persist`` and the shared tasks call those three.
+
 Two kinds of flow:
 
 * ``chain``: an ``await_input`` step. On resume the parked step is marked
@@ -15,33 +22,56 @@ Two kinds of flow:
   step is sent with that value as its first argument, exactly as Celery's
   tracer would have done had the step returned it.
 * ``task``: ``PersistentTask.await_input()`` inside a task. The resume input
-  is appended to the task's journal (beside its checkpoint) and the task is
-  sent again with the same id, arguments, chain and callbacks; its n-th
-  ``await_input`` call then returns the n-th input.
+  is appended to the task's journal (see :mod:`celery_persist.journal`) and
+  the task is sent again with the same id, arguments, chain and callbacks; its
+  n-th ``await_input`` call then returns the n-th input.
+
+A new kind of wait (a timer, an event) is a new ``kind`` here: its own
+``park`` metadata and its own branch in :func:`continue_flow`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from .errors import AwaitTimeout
+from celery import group, signature
+from celery.app.task import Context
+from celery.exceptions import Ignore
+
+from . import journal
+from .errors import AwaitTimeout, ConfigurationError, SuspensionNotFound
+from .hub import Suspension
+from .keys import fingerprint
+from .registry import Binding
 
 if TYPE_CHECKING:
-    from celery import Celery
+    from celery import Celery, Task
     from celery.result import AsyncResult
 
-    from .hub import Suspension
-    from .persist import Persist
-
-__all__ = ["FlowState", "capture", "continue_flow", "expire_flow", "revoke_flow", "request_context"]
+__all__ = [
+    "FlowState",
+    "SUSPENDED",
+    "ON_TIMEOUT",
+    "capture",
+    "park",
+    "continue_flow",
+    "expire_flow",
+    "revoke_flow",
+    "request_context",
+    "resume",
+    "cancel",
+    "cleanup",
+]
 
 logger = logging.getLogger(__name__)
 
 FLOW_VERSION = 1
-#: Result-backend (and Flower) state of a resumed PersistentTask until its re-run starts.
-RESUMED = "RESUMED"
+#: Result-backend state of a parked task (Flower derives the same name from ``task-suspended``).
+SUSPENDED = "SUSPENDED"
+ON_TIMEOUT = ("fail", "default")
 
 
 class FlowState(TypedDict, total=False):
@@ -114,10 +144,98 @@ def _plain_sig(sig: Any) -> dict[str, Any]:
     return out
 
 
+def park(
+    task: Task,
+    binding: Binding,
+    state: FlowState,
+    *,
+    prompt: str | None,
+    timeout: float | None,
+    on_timeout: str,
+    notify: Any,
+    journal_name: str,
+) -> None:
+    """Persist ``state`` as the suspension of the running task, publish SUSPENDED, stop.
+
+    Idempotent per (task id, journal name): a redelivered message finds the
+    suspension it already wrote (its key is kept, encrypted, in a checkpoint
+    record named ``journal_name``) instead of parking twice.
+
+    Raises:
+        celery.exceptions.Ignore: Always, once parked: the task ends without a
+            result of its own, so Celery neither stores SUCCESS nor sends the chain on.
+    """
+    hub = binding.ready()
+    request = task.request
+    if request.called_directly or request.is_eager:
+        raise ConfigurationError("await_input parks a flow on a worker; it cannot run eagerly or be called directly")
+    if on_timeout not in ON_TIMEOUT:
+        raise ConfigurationError(f"on_timeout must be one of {ON_TIMEOUT}, not {on_timeout!r}")
+    if timeout is None:
+        timeout = binding.config.default_timeout
+    key: str | None = hub.load_checkpoint(journal_name)
+    expires_at: str | None = None
+    if key is not None:
+        # A redelivered message: this step already parked once. Reuse that suspension,
+        # or, if it was already resumed/cancelled/expired, do nothing more.
+        try:
+            existing = hub.load(key)
+        except SuspensionNotFound:
+            key = None
+        else:
+            if existing.status != "suspended":
+                logger.info("celery-persist: task %s was already parked and handled; ignoring redelivery", request.id)
+                raise Ignore()
+            expires_at = existing.expires_at.isoformat() if existing.expires_at else None
+    if key is None:
+        chain_ids, chain_tasks = _chain_summary(request)
+        metadata = {
+            "task_id": request.id,
+            "task": request.task,
+            "kind": state["kind"],
+            "prompt": prompt,
+            "root_id": request.root_id or request.id,
+            "chain_ids": chain_ids,
+            "chain_tasks": chain_tasks,
+            "on_timeout": on_timeout,
+        }
+        ttl = timeout or None
+        key = hub.suspend(dict(state), ttl=ttl, metadata=metadata)
+        if ttl:
+            expires_at = datetime.fromtimestamp(time.time() + ttl, tz=timezone.utc).isoformat()
+        hub.save_checkpoint(journal_name, key, ttl=(ttl + binding.config.retention) if ttl else binding.config.checkpoint_ttl)
+    fp = fingerprint(key)
+    info = {
+        "suspension_key": key if binding.config.key_in_result else None,
+        "fingerprint": fp,
+        "prompt": prompt,
+        "expires_at": expires_at,
+    }
+    task.update_state(state=SUSPENDED, meta=info)
+    if binding.config.send_events:
+        try:
+            task.send_event("task-suspended", suspension=fp, prompt=prompt, expires_at=info["expires_at"])
+        except Exception:  # noqa: BLE001 - monitoring must not lose the flow
+            logger.warning("celery-persist: could not send task-suspended", exc_info=True)
+    if notify:
+        signature(notify, app=task.app).apply_async((key, {**info, "suspension_key": key}))
+    logger.info("celery-persist: task %s parked as suspension %s", request.id, fp)
+    raise Ignore()
+
+
+def _chain_summary(request: Any) -> tuple[list[str], list[str]]:
+    """The frozen task ids and the task names of the chain after the parked step (clear metadata)."""
+    ids, names = [], []
+    for sig in reversed(request.chain or []):
+        opts = sig.get("options") or {}
+        if opts.get("task_id"):
+            ids.append(str(opts["task_id"]))
+        names.append(str(sig.get("task")))
+    return ids, names
+
+
 def request_context(app: Celery, state: FlowState, *, with_chain: bool) -> Any:
     """A Celery ``Context`` standing in for the parked task's request (for the result backend)."""
-    from celery.app.task import Context
-
     return Context(
         id=state["task_id"],
         task=state.get("task_name"),
@@ -135,17 +253,17 @@ def request_context(app: Celery, state: FlowState, *, with_chain: bool) -> Any:
     )
 
 
-def _send_event(persist: Persist, type_: str, task_id: str, hostname: str | None = None, **fields: Any) -> None:
-    _send_events(persist, task_id, hostname, [(type_, fields)])
+def _send_event(binding: Binding, type_: str, task_id: str, hostname: str | None = None, **fields: Any) -> None:
+    _send_events(binding, task_id, hostname, [(type_, fields)])
 
 
-def _send_events(persist: Persist, task_id: str, hostname: str | None, events: list[tuple[str, dict[str, Any]]]) -> None:
+def _send_events(binding: Binding, task_id: str, hostname: str | None, events: list[tuple[str, dict[str, Any]]]) -> None:
     """Send task events through one dispatcher (one producer, one connection checkout)."""
-    if not persist.config.send_events:
+    if not binding.config.send_events:
         return
     try:
         # Sent as the worker that parked the task, so monitors keep it on that worker.
-        with persist.app.events.default_dispatcher(hostname=hostname) as dispatcher:
+        with binding.app.events.default_dispatcher(hostname=hostname) as dispatcher:
             for type_, fields in events:
                 dispatcher.send(type_, uuid=task_id, **fields)
     except Exception:  # noqa: BLE001 - monitoring must never break a resume
@@ -154,8 +272,6 @@ def _send_events(persist: Persist, task_id: str, hostname: str | None, events: l
 
 def _dispatch(app: Celery, value: Any, state: FlowState) -> AsyncResult | None:
     """Send callbacks and the next chain step with ``value``, as Celery's tracer does on success."""
-    from celery import group, signature
-
     parent_id, root_id, priority = state["task_id"], state.get("root_id"), state.get("priority")
     callbacks = state.get("callbacks") or []
     if callbacks:
@@ -172,19 +288,19 @@ def _dispatch(app: Celery, value: Any, state: FlowState) -> AsyncResult | None:
     return None
 
 
-def continue_flow(persist: Persist, suspension: Suspension, value: Any) -> AsyncResult:
+def continue_flow(binding: Binding, suspension: Suspension, value: Any) -> AsyncResult:
     """Send on the flow parked in ``suspension`` with ``value`` as the resume input."""
-    app = persist.app
+    app = binding.app
     state: FlowState = suspension.state
     task_id = state["task_id"]
     if state.get("kind") == "task":
-        result = _rerun_task(persist, state, value, suspension.fingerprint)
+        result = _rerun_task(binding, state, value, suspension.fingerprint)
     else:
         passed = {"previous": state.get("previous"), "input": value} if state.get("include_previous") else value
         nxt = _dispatch(app, passed, state)
         app.backend.mark_as_done(task_id, passed, request=request_context(app, state, with_chain=False))
         _send_events(
-            persist,
+            binding,
             task_id,
             state.get("hostname"),
             [
@@ -197,14 +313,10 @@ def continue_flow(persist: Persist, suspension: Suspension, value: Any) -> Async
     return result
 
 
-def _rerun_task(persist: Persist, state: FlowState, value: Any, fingerprint: str) -> AsyncResult:
-    from celery import signature
-
-    from .task import journal_record_input
-
-    app = persist.app
+def _rerun_task(binding: Binding, state: FlowState, value: Any, fp: str) -> AsyncResult:
+    app = binding.app
     task_id = state["task_id"]
-    journal_record_input(persist, task_id, state.get("call_index", 0), value)
+    journal.record_input(binding, task_id, state.get("call_index", 0), value)
     sig = signature(state["task_name"], args=state.get("args", []), kwargs=state.get("kwargs", {}), app=app)
     options: dict[str, Any] = {
         "task_id": task_id,
@@ -222,35 +334,35 @@ def _rerun_task(persist: Persist, state: FlowState, value: Any, fingerprint: str
         options["link"] = state["callbacks"]
     if state.get("errbacks"):
         options["link_error"] = state["errbacks"]
-    _send_event(persist, "task-resumed", task_id, suspension=fingerprint, prompt=state.get("prompt"))
+    _send_event(binding, "task-resumed", task_id, suspension=fp, prompt=state.get("prompt"))
     result: AsyncResult = sig.apply_async(**options)
     return result
 
 
-def expire_flow(persist: Persist, suspension: Suspension) -> None:
+def expire_flow(binding: Binding, suspension: Suspension) -> None:
     """Apply the timeout policy of an expired suspension (called by cleanup)."""
     state: FlowState = suspension.state
     if not isinstance(state, dict) or "task_id" not in state:
         return  # a plain hub suspension, not a Celery flow: nothing to run
     if state.get("on_timeout") == "default":
-        continue_flow(persist, suspension, state.get("default"))
+        continue_flow(binding, suspension, state.get("default"))
         return
-    app = persist.app
+    app = binding.app
     exc = AwaitTimeout(
         f"await_input timed out before it was resumed (prompt: {state.get('prompt')!r})",
         key=suspension.fingerprint,
     )
     app.backend.mark_as_failure(state["task_id"], exc, request=request_context(app, state, with_chain=True), call_errbacks=True)
-    _send_event(persist, "task-failed", state["task_id"], exception=repr(exc), traceback="")
+    _send_event(binding, "task-failed", state["task_id"], exception=repr(exc), traceback="")
     logger.info("celery-persist: suspension %s timed out (task %s)", suspension.fingerprint, state["task_id"])
 
 
-def revoke_flow(persist: Persist, suspension: Suspension) -> None:
+def revoke_flow(binding: Binding, suspension: Suspension) -> None:
     """Mark a cancelled flow's parked task and the chain after it REVOKED."""
     task_id = suspension.metadata.get("task_id")
     if not task_id:
         return
-    app = persist.app
+    app = binding.app
     ids = [task_id, *suspension.metadata.get("chain_ids", [])]
     for tid in ids:
         app.backend.mark_as_revoked(tid, reason="celery-persist: suspension cancelled")
@@ -258,8 +370,26 @@ def revoke_flow(persist: Persist, suspension: Suspension) -> None:
         app.control.revoke(ids)
     except Exception:  # noqa: BLE001 - the backend state is what callers see; broadcast is best effort
         logger.warning("celery-persist: could not broadcast revoke for %s", task_id, exc_info=True)
-    _send_event(persist, "task-revoked", task_id, terminated=False, signum=None, expired=False)
+    _send_event(binding, "task-revoked", task_id, terminated=False, signum=None, expired=False)
 
 
-def now() -> float:
-    return time.time()
+def resume(binding: Binding, key: str, input: Any) -> AsyncResult:
+    """Claim ``key`` in this process and send its flow on with ``input``.
+
+    The claim is completed once the continuation is sent, and released (the
+    suspension is resumable again) if sending raises.
+    """
+    with binding.ready().claiming(key, input) as suspension:
+        return continue_flow(binding, suspension, input)
+
+
+def cancel(binding: Binding, key: str) -> Suspension:
+    """End a suspension; its parked task (and what was chained after it) become REVOKED."""
+    suspension = binding.ready().cancel(key)
+    revoke_flow(binding, suspension)
+    return suspension
+
+
+def cleanup(binding: Binding, now: float | None = None) -> int:
+    """Apply timeouts, re-open lapsed leases, prune expired records; returns the number pruned."""
+    return binding.ready().cleanup(now, on_expired=lambda s: expire_flow(binding, s))
