@@ -1,23 +1,25 @@
 """The ``persist_*`` settings: declared once here, read once by ``Persist(app)``.
 
-Each setting has a name, a default, a parser and a one-line doc; the table in
-the README is generated from :data:`SETTINGS`. ``Persist(app, **overrides)``
-registers the defaults with ``app.add_defaults`` and freezes the values into a
-:class:`PersistConfig`; no other module reads ``app.conf``. Secrets come from
-the environment (``CELERY_PERSIST_KEYS``, ``CELERY_PERSIST_SIGNING_SECRET``)
+Each setting has a name, a default, a parser and a one-line doc in
+:data:`SETTINGS`; :class:`PersistConfig` takes its field defaults from there,
+and ``scripts/settings-table`` generates the README's settings table from it.
+``Persist(app, **overrides)`` registers the defaults with ``app.add_defaults``
+and freezes the values into a :class:`PersistConfig`; no other module reads
+``app.conf``. Secrets come from the environment (``CELERY_PERSIST_KEYS``,
+``CELERY_PERSIST_SIGNING_SECRET``, through :func:`~celery_persist.crypto.secrets_from_env`)
 unless set explicitly, and are read only when the config is built.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .crypto import ENCRYPTION_MODES, secrets_from_env
 from .errors import ConfigurationError
-from .hub import ENCRYPTION_MODES
 from .serializer import DEFAULT_MAX_STATE_SIZE
+from .stores import mask_url
 
 __all__ = ["Setting", "SETTINGS", "PersistConfig", "DEFAULT_STORE_URL"]
 
@@ -69,6 +71,17 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
 
 @dataclass(frozen=True, slots=True)
 class Setting:
+    """One ``persist_*`` setting.
+
+    Attributes:
+        name: The full lowercase name, as in ``app.conf``.
+        default: The raw default registered with ``app.add_defaults``.
+        parse: Turns a raw value (default, ``app.conf`` or override) into the
+            :class:`PersistConfig` field's value; raises ``ConfigurationError``,
+            ``TypeError`` or ``ValueError`` when it cannot.
+        doc: One line of Markdown: the README's settings table shows it.
+    """
+
     name: str
     default: Any
     parse: Callable[[Any], Any]
@@ -77,48 +90,78 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("persist_store_url", DEFAULT_STORE_URL, _str, "Where suspensions and checkpoints live (see Stores)."),
-    Setting("persist_store_options", None, _mapping, "Store options, e.g. {'prefix': 'shop'} or {'chunk_size': 4096}."),
-    Setting("persist_codec", "json", _choice("json", "pickle", "dill"), "State codec; pickle/dill need a key or signing secret."),
-    Setting("persist_compression", "auto", _choice("auto", "zstd", "gzip", "none"), "auto = zstd when installed, else gzip."),
+    Setting("persist_store_options", None, _mapping, "Store options, e.g. `{'prefix': 'shop'}` or `{'chunk_size': 4096}`."),
+    Setting(
+        "persist_codec",
+        "json",
+        _choice("json", "pickle", "dill"),
+        "State codec: `json`, `pickle`, `dill`; pickle/dill need a key or signing secret.",
+    ),
+    Setting(
+        "persist_compression",
+        "auto",
+        _choice("auto", "zstd", "gzip", "none"),
+        "`auto` = zstd when installed, else gzip; or `zstd`, `gzip`, `none`.",
+    ),
     Setting("persist_compression_threshold", 1024, _int, "States smaller than this many bytes are not compressed."),
-    Setting("persist_max_state_size", DEFAULT_MAX_STATE_SIZE, _int, "Largest encoded state in bytes (write and decompress)."),
-    Setting("persist_encryption", "auto", _choice(*ENCRYPTION_MODES), "auto: encrypt when keys exist; required; off."),
-    Setting("persist_keys", None, _opt_str, "'kid:base64key,...' (first is active); default: CELERY_PERSIST_KEYS."),
-    Setting("persist_signing_secret", None, _opt_str, "HMAC secret for keys; default: CELERY_PERSIST_SIGNING_SECRET."),
-    Setting("persist_default_timeout", None, _opt_float, "await_input timeout in seconds when none is given (None: never)."),
+    Setting(
+        "persist_max_state_size",
+        DEFAULT_MAX_STATE_SIZE,
+        _int,
+        "Largest encoded state in bytes (enforced on write and while decompressing).",
+    ),
+    Setting(
+        "persist_encryption",
+        "auto",
+        _choice(*ENCRYPTION_MODES),
+        "`auto`: encrypt when keys exist (else warn once); `required`: refuse to start without a key; `off`.",
+    ),
+    Setting("persist_keys", None, _opt_str, "`'kid:base64key,...'` (first is active); default: `CELERY_PERSIST_KEYS`."),
+    Setting("persist_signing_secret", None, _opt_str, "HMAC secret for keys; default: `CELERY_PERSIST_SIGNING_SECRET`."),
+    Setting("persist_default_timeout", None, _opt_float, "`await_input` timeout in seconds when none is given (None: never)."),
     Setting("persist_checkpoint_ttl", 7 * 86400, _opt_float, "Seconds a checkpoint outlives its last write (kept after failure)."),
     Setting("persist_lease", 60, _float, "Seconds a resume claim holds before cleanup may re-open it."),
-    Setting("persist_retention", 7 * 86400, _float, "Seconds finished suspensions stay to answer AlreadyResumed."),
-    Setting("persist_cleanup_interval", 300, _opt_float, "Beat runs celery_persist.cleanup this often (None/0: no entry)."),
+    Setting("persist_retention", 7 * 86400, _float, "Seconds finished suspensions stay, so late callers get `AlreadyResumed`."),
+    Setting("persist_cleanup_interval", 300, _opt_float, "Beat runs `celery_persist.cleanup` this often (None/0: no entry)."),
     Setting("persist_key_in_result", True, _bool, "Put the suspension key in the result backend's info dict."),
-    Setting("persist_send_events", True, _bool, "Send task-suspended / task-resumed events (Flower shows SUSPENDED)."),
-    Setting("persist_metrics", False, _bool, "Count suspends/resumes/expiries in Prometheus metrics (extra 'metrics')."),
+    Setting("persist_send_events", True, _bool, "Send `task-suspended` / `task-resumed` events (Flower shows SUSPENDED)."),
+    Setting("persist_metrics", False, _bool, "Count suspends, resumes and expiries in Prometheus metrics (extra `metrics`)."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
+def _default(name: str) -> Any:
+    """The parsed default of ``persist_<name>``: what :class:`PersistConfig` holds when nothing is set."""
+    setting = _BY_NAME[f"persist_{name}"]
+    return setting.parse(setting.default)
+
+
 @dataclass(frozen=True, slots=True)
 class PersistConfig:
-    """The frozen ``persist_*`` settings of one app (secrets resolved)."""
+    """The frozen ``persist_*`` settings of one app (secrets resolved).
 
-    store_url: str = DEFAULT_STORE_URL
-    store_options: Mapping[str, Any] = field(default_factory=dict)
-    codec: str = "json"
-    compression: str = "auto"
-    compression_threshold: int = 1024
-    max_state_size: int = DEFAULT_MAX_STATE_SIZE
-    encryption: str = "auto"
-    keys: str | None = field(default=None, repr=False)
-    signing_secret: str | None = field(default=None, repr=False)
-    default_timeout: float | None = None
-    checkpoint_ttl: float | None = 7 * 86400
-    lease: float = 60.0
-    retention: float = 7 * 86400.0
-    cleanup_interval: float | None = 300.0
-    key_in_result: bool = True
-    send_events: bool = True
-    metrics: bool = False
+    One field per entry of :data:`SETTINGS`, named without the ``persist_``
+    prefix; the defaults are the table's, parsed.
+    """
+
+    store_url: str = _default("store_url")
+    store_options: Mapping[str, Any] = field(default_factory=lambda: _default("store_options"))
+    codec: str = _default("codec")
+    compression: str = _default("compression")
+    compression_threshold: int = _default("compression_threshold")
+    max_state_size: int = _default("max_state_size")
+    encryption: str = _default("encryption")
+    keys: str | None = field(default=_default("keys"), repr=False)
+    signing_secret: str | None = field(default=_default("signing_secret"), repr=False)
+    default_timeout: float | None = _default("default_timeout")
+    checkpoint_ttl: float | None = _default("checkpoint_ttl")
+    lease: float = _default("lease")
+    retention: float = _default("retention")
+    cleanup_interval: float | None = _default("cleanup_interval")
+    key_in_result: bool = _default("key_in_result")
+    send_events: bool = _default("send_events")
+    metrics: bool = _default("metrics")
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -144,10 +187,11 @@ class PersistConfig:
                 kwargs[full.removeprefix("persist_")] = setting.parse(raw)
             except (TypeError, ValueError, ConfigurationError) as exc:
                 raise ConfigurationError(f"{full}: {exc}") from None
+        env = secrets_from_env()
         if kwargs["keys"] is None:
-            kwargs["keys"] = os.environ.get("CELERY_PERSIST_KEYS") or None
+            kwargs["keys"] = env.keys
         if kwargs["signing_secret"] is None:
-            kwargs["signing_secret"] = os.environ.get("CELERY_PERSIST_SIGNING_SECRET") or None
+            kwargs["signing_secret"] = env.signing_secret
         return cls(**kwargs)
 
     @classmethod
@@ -156,8 +200,6 @@ class PersistConfig:
 
     def describe(self) -> dict[str, Any]:
         """Settings safe to show (no secrets, masked URL)."""
-        from .stores import mask_url
-
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("keys", "signing_secret")}
         out["store_url"] = mask_url(self.store_url)
         out["keys"] = "set" if self.keys else None

@@ -10,7 +10,13 @@
 
 Both implement the :class:`Sealer` protocol the hub uses, and both bind each
 blob to caller-supplied associated data (the hub passes the record's identity),
-so a blob copied onto another record does not open.
+so a blob copied onto another record does not open. :func:`choose_sealer` picks
+one of them for a ``persist_encryption`` mode.
+
+Secrets come from the environment in one place, :func:`secrets_from_env`
+(``CELERY_PERSIST_KEYS``, ``CELERY_PERSIST_KEY``, ``CELERY_PERSIST_SIGNING_SECRET``):
+the config, the hub and :meth:`Keyring.from_env` all call it when they are
+built, never at import.
 """
 
 from __future__ import annotations
@@ -22,17 +28,31 @@ import hmac
 import os
 import struct
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import ConfigurationError, EncryptionError
 
-__all__ = ["Keyring", "Signer", "Sealer", "KEY_MAGIC", "SIGN_MAGIC"]
+__all__ = [
+    "Keyring",
+    "Signer",
+    "Sealer",
+    "KEY_MAGIC",
+    "SIGN_MAGIC",
+    "ENCRYPTION_MODES",
+    "EnvSecrets",
+    "secrets_from_env",
+    "choose_sealer",
+]
 
 KEY_MAGIC = b"\xa7K1"
 SIGN_MAGIC = b"\xa7S1"
 _NONCE = 12
 _TAG = 16
 _MAX_KID = 64
+
+#: Values of ``persist_encryption`` (see :func:`choose_sealer`).
+ENCRYPTION_MODES = ("auto", "required", "off")
 
 
 class Sealer(Protocol):
@@ -109,13 +129,11 @@ class Keyring:
         Raises:
             ConfigurationError: A variable is set but malformed.
         """
-        env = os.environ if environ is None else environ
-        many = env.get("CELERY_PERSIST_KEYS", "").strip()
-        if many:
-            return cls.parse(many)
-        one = env.get("CELERY_PERSIST_KEY", "").strip()
-        if one:
-            return cls([("default", _decode_key("default", one))])
+        secrets = secrets_from_env(environ)
+        if secrets.keys:
+            return cls.parse(secrets.keys)
+        if secrets.key:
+            return cls([("default", _decode_key("default", secrets.key))])
         return None
 
     @classmethod
@@ -229,3 +247,73 @@ class Signer:
 
     def __repr__(self) -> str:
         return "<Signer hmac-sha256>"
+
+
+@dataclass(frozen=True, slots=True)
+class EnvSecrets:
+    """The secrets the environment holds; each is None when its variable is unset or blank."""
+
+    #: ``CELERY_PERSIST_KEYS``: ``kid1:base64key,kid2:base64key``, active first (stripped).
+    keys: str | None = field(default=None, repr=False)
+    #: ``CELERY_PERSIST_KEY``: one base64 key, id ``default`` (stripped).
+    key: str | None = field(default=None, repr=False)
+    #: ``CELERY_PERSIST_SIGNING_SECRET``, exactly as set: it is key material, so even
+    #: surrounding whitespace is part of it.
+    signing_secret: str | None = field(default=None, repr=False)
+
+
+def secrets_from_env(environ: Mapping[str, str] | None = None) -> EnvSecrets:
+    """Read celery-persist's secrets from the environment (the only code that does).
+
+    Args:
+        environ: The variables to read; default ``os.environ``.
+
+    Returns:
+        The keys spec, the single key and the signing secret found there.
+    """
+    env = os.environ if environ is None else environ
+    return EnvSecrets(
+        keys=env.get("CELERY_PERSIST_KEYS", "").strip() or None,
+        key=env.get("CELERY_PERSIST_KEY", "").strip() or None,
+        signing_secret=env.get("CELERY_PERSIST_SIGNING_SECRET") or None,
+    )
+
+
+def choose_sealer(
+    encryption: str,
+    keyring: Keyring | None,
+    signing_secret: str | bytes | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> Sealer | None:
+    """Pick how blobs are sealed: the keyring (AES-GCM), a :class:`Signer` (HMAC), or nothing.
+
+    A keyring wins over a signing secret; ``encryption="off"`` drops the keyring
+    but still signs when a secret is given.
+
+    Args:
+        encryption: ``auto`` (encrypt when a key exists), ``required`` (refuse
+            without a key) or ``off``.
+        keyring: The encryption keys; left out (and encryption not ``off``),
+            read with :meth:`Keyring.from_env`.
+        signing_secret: The HMAC secret, already resolved (this function does
+            not read it from the environment: the caller also tags keys with it).
+        environ: The variables :meth:`Keyring.from_env` reads; default ``os.environ``.
+
+    Returns:
+        The keyring, a signer, or None (blobs stored in clear and unauthenticated).
+
+    Raises:
+        ConfigurationError: An unknown mode, ``required`` without a key, a
+            malformed key in the environment, or a signing secret under 16 bytes.
+    """
+    if encryption not in ENCRYPTION_MODES:
+        raise ConfigurationError(f"persist_encryption must be one of {ENCRYPTION_MODES}, not {encryption!r}")
+    if encryption == "off":
+        keyring = None
+    elif keyring is None:
+        keyring = Keyring.from_env(environ)
+    if encryption == "required" and keyring is None:
+        raise ConfigurationError("persist_encryption is 'required' but no key is configured: set CELERY_PERSIST_KEYS or CELERY_PERSIST_KEY")
+    signer = Signer(signing_secret) if signing_secret else None  # also checks the secret's length
+    return keyring or signer

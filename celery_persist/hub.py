@@ -17,6 +17,10 @@ re-opens it when the lease lapses, so the flow is never lost.
 
 Every state change writes one audit record to the ``celery_persist.audit``
 logger: action, key fingerprint, store, outcome. Never state or inputs.
+
+Which sealer protects blobs is :func:`celery_persist.crypto.choose_sealer`'s
+decision; the store-wide operations (``cleanup``, ``rotate_keys``, ``stats``)
+live in :mod:`celery_persist.maintenance`, and the hub's methods delegate to them.
 """
 
 from __future__ import annotations
@@ -24,14 +28,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .crypto import KEY_MAGIC, SIGN_MAGIC, Keyring, Sealer, Signer
+from . import maintenance
+from .crypto import KEY_MAGIC, SIGN_MAGIC, Keyring, Sealer, choose_sealer, secrets_from_env
 from .errors import (
     AlreadyResumed,
     ConfigurationError,
@@ -45,20 +49,30 @@ from .errors import (
 )
 from .keys import fingerprint, key_hash, new_suspension_key, validate_key
 from .serializer import DEFAULT_MAX_STATE_SIZE, StateSerializer
-from .stores.base import TERMINAL, BaseStore, Kind, Page, Status, StoredRecord, dump_metadata
+from .stores.base import BaseStore, Kind, Page, Status, StoredRecord, dump_metadata
 
-__all__ = ["PersistenceHub", "Suspension", "ENCRYPTION_MODES"]
+__all__ = ["PersistenceHub", "Suspension"]
 
 logger = logging.getLogger(__name__)
 audit_logger = logging.getLogger("celery_persist.audit")
 
-ENCRYPTION_MODES = ("auto", "required", "off")
 _AAD_PREFIX = b"celery-persist/record/v1\0"
 _warned_plaintext = False
 
 
 def _utc(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def _warn_plaintext_once(sealer: Sealer | None) -> None:
+    """Say once per process that states are stored without encryption (``persist_encryption="auto"``)."""
+    global _warned_plaintext
+    if not _warned_plaintext:
+        _warned_plaintext = True
+        logger.warning(
+            "celery-persist: no encryption key configured (CELERY_PERSIST_KEYS); suspended states are stored %s",
+            "signed but readable" if sealer else "in clear and unauthenticated",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +114,8 @@ class PersistenceHub:
         default_ttl: Seconds before a suspension expires when ``suspend`` gets no ttl.
         max_state_size: Largest serialized state, in bytes (write and decompress).
         encryption: ``auto`` (encrypt when keys exist, else warn once),
-            ``required`` (refuse to start without a key) or ``off``.
+            ``required`` (refuse to start without a key) or ``off``; see
+            :func:`~celery_persist.crypto.choose_sealer`.
         lease: Seconds a resume claim holds before cleanup may re-open it.
         retention: Seconds finished records (resumed, cancelled, expired) are
             kept, so late callers get ``AlreadyResumed`` rather than ``SuspensionNotFound``.
@@ -131,9 +146,13 @@ class PersistenceHub:
         observer: Callable[[str, str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.observer = observer
-        if encryption not in ENCRYPTION_MODES:
-            raise ConfigurationError(f"persist_encryption must be one of {ENCRYPTION_MODES}, not {encryption!r}")
         self.store = store
+        if signing_secret is None:
+            signing_secret = secrets_from_env().signing_secret
+        self._secret = signing_secret
+        self._sealer = choose_sealer(encryption, keyring, signing_secret)
+        self.keyring = self._sealer if isinstance(self._sealer, Keyring) else None
+        self.encryption = encryption
         self.serializer = serializer or StateSerializer(max_size=max_state_size)
         if serializer is not None and max_state_size != DEFAULT_MAX_STATE_SIZE:
             self.serializer = serializer.with_max_size(max_state_size)
@@ -141,32 +160,13 @@ class PersistenceHub:
         self.lease = float(lease)
         self.retention = float(retention)
         self.clock = clock
-        self.encryption = encryption
-        if signing_secret is None:
-            signing_secret = os.environ.get("CELERY_PERSIST_SIGNING_SECRET") or None
-        self._secret = signing_secret
-        if keyring is None and encryption != "off":
-            keyring = Keyring.from_env()
-        if encryption == "required" and keyring is None:
-            raise ConfigurationError(
-                "persist_encryption is 'required' but no key is configured: set CELERY_PERSIST_KEYS or CELERY_PERSIST_KEY"
-            )
-        self.keyring = keyring if encryption != "off" else None
-        signer = Signer(signing_secret) if signing_secret else None  # also checks the secret's length
-        self._sealer: Sealer | None = self.keyring or signer
         if self.serializer.unsafe_codec and self._sealer is None:
             raise ConfigurationError(
                 f"the {self.serializer.codec} codec needs an encryption key or a signing secret, "
                 "because it only ever unpickles authenticated bytes"
             )
         if self.keyring is None and encryption == "auto":
-            global _warned_plaintext
-            if not _warned_plaintext:
-                _warned_plaintext = True
-                logger.warning(
-                    "celery-persist: no encryption key configured (CELERY_PERSIST_KEYS); suspended states are stored %s",
-                    "signed but readable" if self._sealer else "in clear and unauthenticated",
-                )
+            _warn_plaintext_once(self._sealer)
 
     # -- sealing ---------------------------------------------------------------------------
 
@@ -507,48 +507,7 @@ class PersistenceHub:
         Returns:
             How many records were changed or deleted.
         """
-        now = self.clock() if now is None else now
-        done = 0
-        while True:
-            records = self.store.due(now, batch)
-            progressed = 0
-            for rec in records:
-                progressed += self._cleanup_one(rec, now, on_expired, retry_after)
-            done += progressed
-            # Keep going while something moved: a lapsed lease that is also past its expiry is
-            # re-opened in one pass and expired in the next, within the same run.
-            if not records or not progressed:
-                return done
-
-    def _cleanup_one(self, rec: StoredRecord, now: float, on_expired: Callable[[Suspension], None] | None, retry_after: float) -> int:
-        fp = rec.key_hash[:12]
-        if rec.kind is not Kind.SUSPENSION or rec.status in TERMINAL:
-            return int(self.store.delete(rec.key_hash))
-        if rec.status is Status.CLAIMED:
-            if self.store.transition(rec.key_hash, {Status.CLAIMED}, Status.SUSPENDED, due_at=rec.expires_at, now=now):
-                self._audit("reopen", fp, "lease-lapsed")
-                return 1
-            return 0
-        if not self.store.transition(rec.key_hash, {Status.SUSPENDED}, Status.EXPIRED, due_at=now + self.retention, now=now):
-            return 0
-        if on_expired is None:
-            self._audit("expire", fp, "ok")
-            return 1
-        try:
-            state = self._open_record(rec, fp)
-        except PersistenceError as exc:
-            # Unreadable (tampered or key removed): the record stays, marked expired, for inspection.
-            self._audit("expire", fp, f"unreadable:{type(exc).__name__}")
-            return 1
-        try:
-            on_expired(self._view(rec.replace(status=Status.EXPIRED), None, state=state))
-        except Exception:
-            logger.exception("celery-persist: timeout handler failed for suspension %s; retrying later", fp)
-            self.store.transition(rec.key_hash, {Status.EXPIRED}, Status.SUSPENDED, due_at=now + retry_after, now=now)
-            self._audit("expire", fp, "handler-failed")
-            return 1
-        self._audit("expire", fp, "ok")
-        return 1
+        return maintenance.cleanup(self, now, on_expired=on_expired, batch=batch, retry_after=retry_after)
 
     def rotate_keys(self, *, batch: int = 200, on_record: Callable[[str], None] | None = None) -> dict[str, int]:
         """Re-encrypt every record not sealed with the active key. Resumable; safe while workers run.
@@ -565,64 +524,15 @@ class PersistenceHub:
 
         Returns:
             Counts per outcome, plus ``pending`` (records still not under the active key).
-        """
-        if self.keyring is None:
-            raise EncryptionError("key rotation needs an encryption keyring (CELERY_PERSIST_KEYS)")
-        counts = {"rotated": 0, "current": 0, "raced": 0, "plaintext": 0, "unreadable": 0}
-        active = self.keyring.active_id
-        cursor: str | None = None
-        while True:
-            page = self.store.scan(limit=batch, cursor=cursor, with_blob=True)
-            for rec in page.items:
-                outcome = self._rotate_one(rec, active)
-                counts[outcome] += 1
-                if on_record is not None:
-                    on_record(outcome)
-            cursor = page.next_cursor
-            if cursor is None:
-                break
-        counts["pending"] = counts["raced"] + counts["plaintext"] + counts["unreadable"]
-        self._audit("rotate-keys", "-", f"rotated={counts['rotated']} pending={counts['pending']}")
-        return counts
 
-    def _rotate_one(self, rec: StoredRecord, active: str) -> str:
-        if self.keyring is None or bytes(rec.blob[:3]) != KEY_MAGIC:
-            return "plaintext"
-        try:
-            if self.keyring.key_id_of(rec.blob) == active:
-                return "current"
-            aad = self._aad(rec.key_hash, rec.kind, rec.metadata)
-            fresh = self.keyring.encrypt(self.keyring.decrypt(rec.blob, aad), aad)
-        except EncryptionError:
-            self._audit("rotate-keys", rec.key_hash[:12], "unreadable")
-            return "unreadable"
-        return "rotated" if self.store.replace_blob(rec.key_hash, rec.blob, fresh, now=self.clock()) else "raced"
+        Raises:
+            EncryptionError: The hub has no keyring.
+        """
+        return maintenance.rotate_keys(self, batch=batch, on_record=on_record)
 
     def stats(self, *, batch: int = 1000) -> dict[str, Any]:
         """Counts of suspensions by status, oldest suspended age, checkpoints (a full scan: for operators)."""
-        now = self.clock()
-        by_status: dict[str, int] = {}
-        checkpoints = 0
-        oldest: float | None = None
-        cursor: str | None = None
-        while True:
-            page = self.store.scan(limit=batch, cursor=cursor)
-            for rec in page.items:
-                if rec.kind is not Kind.SUSPENSION:
-                    checkpoints += 1
-                    continue
-                view = self._view(rec, None, now=now)
-                by_status[view.status] = by_status.get(view.status, 0) + 1
-                if view.status == Status.SUSPENDED.value and (oldest is None or rec.created_at < oldest):
-                    oldest = rec.created_at
-            cursor = page.next_cursor
-            if cursor is None:
-                break
-        return {
-            "suspensions": by_status,
-            "checkpoints": checkpoints,
-            "oldest_suspended_age": None if oldest is None else round(now - oldest, 3),
-        }
+        return maintenance.stats(self, batch=batch)
 
     def health(self) -> dict[str, Any]:
         """Store health plus the hub's security posture (never raises)."""

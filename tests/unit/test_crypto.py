@@ -8,7 +8,17 @@ from collections.abc import Callable
 
 import pytest
 
-from celery_persist.crypto import KEY_MAGIC, SIGN_MAGIC, Keyring, Sealer, Signer
+from celery_persist.crypto import (
+    ENCRYPTION_MODES,
+    KEY_MAGIC,
+    SIGN_MAGIC,
+    EnvSecrets,
+    Keyring,
+    Sealer,
+    Signer,
+    choose_sealer,
+    secrets_from_env,
+)
 from celery_persist.errors import ConfigurationError, EncryptionError
 
 from .conftest import KEY_A, KEY_B, SECRET
@@ -273,3 +283,37 @@ def test_both_are_sealers(ring: Keyring) -> None:
     sealers: list[Sealer] = [ring, Signer(SECRET)]
     for sealer in sealers:
         assert sealer.open(sealer.seal(b"p", AAD), AAD) == b"p"
+
+
+# -- secrets_from_env / choose_sealer ---------------------------------------------------------------
+
+
+def test_secrets_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert secrets_from_env() == EnvSecrets(None, None, None)
+    assert secrets_from_env(_env(CELERY_PERSIST_KEYS=" ", CELERY_PERSIST_KEY="", CELERY_PERSIST_SIGNING_SECRET="")) == EnvSecrets()
+    found = secrets_from_env(
+        _env(CELERY_PERSIST_KEYS=" a:AAAA \n", CELERY_PERSIST_KEY=" BBBB", CELERY_PERSIST_SIGNING_SECRET=f" {SECRET} ")
+    )
+    assert found == EnvSecrets(keys="a:AAAA", key="BBBB", signing_secret=f" {SECRET} ")  # a secret is taken verbatim
+    assert SECRET not in repr(found) and "AAAA" not in repr(found)
+    monkeypatch.setenv("CELERY_PERSIST_SIGNING_SECRET", SECRET)
+    assert secrets_from_env().signing_secret == SECRET
+
+
+def test_choose_sealer(ring: Keyring, b64: Callable[[bytes], str]) -> None:
+    assert ENCRYPTION_MODES == ("auto", "required", "off")
+    with pytest.raises(ConfigurationError, match="persist_encryption must be one of"):
+        choose_sealer("sometimes", ring, None)
+    assert choose_sealer("auto", ring, SECRET) is ring  # a keyring wins over a secret
+    assert choose_sealer("required", ring, None) is ring
+    assert isinstance(choose_sealer("off", ring, SECRET), Signer)  # off drops the keyring, still signs
+    assert choose_sealer("off", ring, None) is None
+    assert choose_sealer("auto", None, None, environ={}) is None
+    assert isinstance(choose_sealer("auto", None, SECRET, environ={}), Signer)
+    from_env = choose_sealer("required", None, None, environ=_env(CELERY_PERSIST_KEY=b64(KEY_B)))
+    assert isinstance(from_env, Keyring) and from_env.key_ids == ("default",)
+    assert choose_sealer("off", None, None, environ=_env(CELERY_PERSIST_KEY=b64(KEY_B))) is None
+    with pytest.raises(ConfigurationError, match="'required' but no key"):
+        choose_sealer("required", None, SECRET, environ={})
+    with pytest.raises(ConfigurationError, match="at least 16 bytes"):
+        choose_sealer("auto", ring, "short")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from celery_persist import hub as hub_module
+from celery_persist import maintenance
 from celery_persist.crypto import KEY_MAGIC, SIGN_MAGIC, Keyring
 from celery_persist.errors import (
     AlreadyResumed,
@@ -999,3 +1000,16 @@ def test_stats(hub: PersistenceHub, clock: FakeClock) -> None:
     assert first
     empty = PersistenceHub(RecordingStore(), encryption="off", clock=clock).stats()
     assert empty == {"suspensions": {}, "checkpoints": 0, "oldest_suspended_age": None}
+
+
+def test_maintenance_works_on_a_hub(hub: PersistenceHub, store: RecordingStore, clock: FakeClock) -> None:
+    """The hub's cleanup / rotate_keys / stats are thin: maintenance does the work with the hub's pieces."""
+    hub.suspend(1, ttl=5)
+    hub.save_checkpoint("c", 1, ttl=5)
+    assert maintenance.stats(hub) == hub.stats() == {"suspensions": {"suspended": 1}, "checkpoints": 1, "oldest_suspended_age": 0.0}
+    assert maintenance.rotate_keys(hub)["current"] == 2
+    clock.advance(6)
+    got: list[Suspension] = []
+    assert maintenance.cleanup(hub, on_expired=got.append) == 2  # one expired, one checkpoint deleted
+    assert [s.state for s in got] == [1] and store.suspensions()[0].status is Status.EXPIRED
+    assert hub.cleanup() == 0

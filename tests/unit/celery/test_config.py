@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 from celery import Celery
@@ -16,6 +17,24 @@ def test_every_setting_is_registered_with_its_default(app: Celery) -> None:
     for setting in SETTINGS:
         assert setting.name in app.conf
     assert app.conf.persist_codec == "json"
+
+
+def test_config_fields_and_defaults_come_from_settings() -> None:
+    assert [f.name for f in fields(PersistConfig)] == [s.name.removeprefix("persist_") for s in SETTINGS]
+    default = PersistConfig()
+    for setting in SETTINGS:
+        assert getattr(default, setting.name.removeprefix("persist_")) == setting.parse(setting.default), setting.name
+    assert default == PersistConfig.from_mapping({}) == PersistConfig.from_mapping(PersistConfig.defaults())
+    assert PersistConfig().store_options is not default.store_options  # a fresh mapping each time
+
+
+def test_secrets_come_from_the_environment_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CELERY_PERSIST_KEYS", " env:" + "A" * 44 + " ")
+    monkeypatch.setenv("CELERY_PERSIST_SIGNING_SECRET", "e" * 32)
+    cfg = PersistConfig.from_mapping({})
+    assert cfg.keys == "env:" + "A" * 44 and cfg.signing_secret == "e" * 32
+    cfg = PersistConfig.from_mapping({"persist_keys": "conf:" + "B" * 44}, signing_secret="o" * 32)
+    assert cfg.keys == "conf:" + "B" * 44 and cfg.signing_secret == "o" * 32
 
 
 def test_overrides_win_over_app_conf(app: Celery) -> None:
