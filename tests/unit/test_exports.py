@@ -46,6 +46,15 @@ PUBLIC = {
 }
 LAZY = {"Persist", "PersistentTask", "await_input"}
 
+#: Names CONTRACT.md fixes for capabilities not built yet, with the issue that builds them.
+#: They must not be exported before they work; the test below fails once one is exported,
+#: so it moves from here to PUBLIC with its implementation.
+NOT_YET_BUILT = {
+    "sleep": "issue 12: durable waits (CONTRACT section 6)",
+    "await_event": "issue 12: durable waits (CONTRACT section 6)",
+    "InvalidInput": "issue 13: typed input (CONTRACT sections 4 and 7)",
+}
+
 
 def _section(text: str, number: int) -> str:
     match = re.search(rf"^## {number}\..*?(?=^## |\Z)", text, re.M | re.S)
@@ -58,7 +67,7 @@ def contract_names(text: str) -> set[str]:
     for imported in re.findall(r"^from celery_persist import ([\w, ]+)$", text, re.M):
         names |= {n.strip() for n in imported.split(",")}
     names |= set(re.findall(r"->\s*([A-Z]\w+)\s*:", _section(text, 2)))  # "-> Suspension: .key ..."
-    error_name = r"`(?:celery_persist\.)?([A-Z]\w*(?:Error|Key|Found|Resumed|Expired|Cancelled|Unavailable|Large|Version|Timeout))`"
+    error_name = r"`(?:celery_persist\.)?([A-Z]\w*(?:Error|Key|Found|Resumed|Expired|Cancelled|Unavailable|Large|Version|Timeout|Input))`"
     names |= set(re.findall(error_name, _section(text, 4)))
     return names
 
@@ -73,7 +82,14 @@ def test_all_matches_contract_md() -> None:
         pytest.skip(f"{CONTRACT} is not present (it lives beside the repository during development)")
     found = contract_names(CONTRACT.read_text(encoding="utf-8"))
     assert len(found) >= 20, found  # the parser still finds the lists
-    assert found == set(celery_persist.__all__)
+    assert found - set(NOT_YET_BUILT) == set(celery_persist.__all__)
+    assert set(NOT_YET_BUILT) <= found, "a not-yet-built name left CONTRACT.md: drop it from NOT_YET_BUILT"
+
+
+def test_not_yet_built_names_are_not_exported() -> None:
+    for name in NOT_YET_BUILT:
+        assert name not in celery_persist.__all__
+        assert not hasattr(celery_persist, name)
 
 
 def test_contract_parser() -> None:
