@@ -306,7 +306,7 @@ class RawRedis(RawStore):
 
 
 class RawMongomock(RawStore):
-    """mongomock collection: replace_one(upsert) and find_one (in-process, like the store's mongomock:// URL)."""
+    """mongomock collection: replace_one(upsert) and find_one (in-process, like the mongomock client the store is given)."""
 
     name = "mongomock replace_one"
 

@@ -356,6 +356,10 @@ class MemoryTarget(Target):
 class MongomockTarget(Target):
     name = "mongomock"
 
+    def __init__(self, run: str, workdir: str) -> None:
+        super().__init__(run, workdir)
+        self._client: Any = None
+
     def unavailable(self) -> str | None:
         try:
             import mongomock  # noqa: F401
@@ -367,7 +371,13 @@ class MongomockTarget(Target):
         return None
 
     def open(self, role: str) -> BaseStore:
-        return open_store(f"mongomock://scale{self.run}/bench", prefix=f"{role}_")
+        if self._client is None:
+            import mongomock
+
+            # One in-process "server" for the run: every role's store gets this client.
+            self._client = mongomock.MongoClient()
+        # bulk=False: mongomock's bulk_write rejects the sort pymongo gives ReplaceOne.
+        return open_store("mongodb://mongomock/bench", prefix=f"{role}_", client=self._client, bulk=False)
 
 
 class SqliteTarget(Target):

@@ -15,6 +15,7 @@ test suite's ``CELERY_PERSIST_TEST_<STORE>_URL``, then local defaults.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import json
 import os
@@ -209,8 +210,13 @@ def make_targets(names: list[str], ctx: TargetContext) -> list[Target]:
             reason = None if _module_present("mongodb") else "celery_persist/stores/mongodb.py not written yet"
             if reason is None and importlib.util.find_spec("mongomock") is None:
                 reason = "mongomock is not installed"
-            url = env_url("mongomock", f"mongomock://bench{rid}/bench")
-            out.append(Target("mongomock", url, {"prefix": f"bench_{rid}_"}, floors.RawMongomock, reason=reason, drop=_drop_store))
+            options: dict[str, Any] = {"prefix": f"bench_{rid}_"}
+            if reason is None:
+                # mongomock is a client, not a server: the store gets it (and writes one by
+                # one, as mongomock's bulk_write rejects pymongo's ReplaceOne); the URL only
+                # names the database.
+                options.update(client=importlib.import_module("mongomock").MongoClient(), bulk=False)
+            out.append(Target("mongomock", "mongodb://mongomock/bench", options, floors.RawMongomock, reason=reason, drop=_drop_store))
         elif name == "neo4j":
             out.append(_neo4j_target(ctx))
         else:

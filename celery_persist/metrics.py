@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .stores._drivers import require
+from .stores.drivers import require
 
 if TYPE_CHECKING:
     from .hub import PersistenceHub

@@ -17,8 +17,8 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from ..errors import ConfigurationError
-from ._drivers import mask_url
 from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord
+from .drivers import mask_url
 
 __all__ = ["open_store", "STORES", "BaseStore", "StoredRecord", "Status", "Kind", "Page", "KEEP", "mask_url"]
 
@@ -40,7 +40,6 @@ STORES: dict[str, str] = {
     "redis+sentinel": "celery_persist.stores.redis:RedisStore",
     "mongodb": "celery_persist.stores.mongodb:MongoStore",
     "mongodb+srv": "celery_persist.stores.mongodb:MongoStore",
-    "mongomock": "celery_persist.stores.mongodb:MongoStore",
     "neo4j": _NEO4J,
     "neo4j+s": _NEO4J,
     "neo4j+ssc": _NEO4J,

@@ -23,11 +23,25 @@ import abc
 import dataclasses
 import enum
 import json
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-__all__ = ["Status", "Kind", "StoredRecord", "Page", "BaseStore", "KEEP", "batches", "dump_metadata", "load_metadata"]
+__all__ = [
+    "Status",
+    "Kind",
+    "StoredRecord",
+    "Page",
+    "ScanRange",
+    "BaseStore",
+    "Keep",
+    "KEEP",
+    "batches",
+    "dump_metadata",
+    "load_metadata",
+]
+
+_Row = TypeVar("_Row")
 
 
 class Status(str, enum.Enum):
@@ -62,12 +76,14 @@ class Kind(str, enum.Enum):
         return self.value
 
 
-class _Keep(enum.Enum):
+class Keep(enum.Enum):
+    """Type of :data:`KEEP` (an enum, so ``float | None | Keep`` narrows with ``is``)."""
+
     KEEP = "keep"
 
 
 #: Sentinel for :meth:`BaseStore.transition`: leave ``due_at`` as it is.
-KEEP = _Keep.KEEP
+KEEP = Keep.KEEP
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +127,32 @@ class Page:
     next_cursor: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ScanRange:
+    """The part of the key space one :meth:`BaseStore.scan` call asks for.
+
+    Keys after ``cursor``, in key order, at most ``limit``, of the wanted ``kind``
+    and ``status`` (None: any). Stores that read one row more than a page
+    (``limit + 1``) to learn whether another page follows split the rows with
+    :meth:`page`; stores that re-read records found through an index check them
+    again with :meth:`matches`.
+    """
+
+    kind: Kind | None = None
+    status: Status | None = None
+    limit: int = 100
+    cursor: str | None = None
+
+    def matches(self, record: StoredRecord) -> bool:
+        """True when ``record`` has the wanted kind and status."""
+        return (self.kind is None or record.kind == self.kind) and (self.status is None or record.status == self.status)
+
+    def page(self, rows: Sequence[_Row], key: Callable[[_Row], str]) -> tuple[list[_Row], str | None]:
+        """Up to ``limit + 1`` rows read in key order -> (the page's rows, its next cursor)."""
+        more = len(rows) > self.limit
+        return list(rows[: self.limit]), key(rows[self.limit - 1]) if more else None
+
+
 def batches(records: Iterable[StoredRecord], *, max_records: int, max_bytes: int) -> Iterator[list[StoredRecord]]:
     """Group ``records`` for ``put_many``: at most ``max_records`` each, closing a group once
     its blobs reach ``max_bytes``. Order is kept."""
@@ -139,8 +181,10 @@ def load_metadata(text: str | bytes | None) -> dict[str, Any]:
 
 
 class BaseStore(abc.ABC):
-    """Abstract store. Subclasses implement the five abstract methods.
+    """Abstract store; subclasses implement the six abstract methods.
 
+    ``put``, ``get``, ``delete``, ``transition``, ``scan`` and ``due`` are abstract;
+    ``setup``, ``put_many``, ``replace_blob``, ``health`` and ``close`` have working defaults.
     Implementations connect lazily, reconnect after ``fork()``, and map their
     driver's transient errors to :class:`~celery_persist.errors.StoreUnavailable`.
     """
@@ -182,7 +226,7 @@ class BaseStore(abc.ABC):
         expect: Collection[Status],
         to: Status,
         *,
-        due_at: float | None | _Keep = KEEP,
+        due_at: float | None | Keep = KEEP,
         now: float,
     ) -> bool:
         """Atomically set ``status = to`` if the current status is in ``expect``.

@@ -11,42 +11,28 @@ Layout under ``<dir>/<prefix>/``::
 
     records/ab/ab12...ef      one file per record, named by its key_hash and
                               sharded by the first two hex digits
-    due/<bucket>/<due>-<kh>   empty marker files: the due_at index
+    due/<bucket>/<due>-<kh>   empty marker files: the due_at index (see _DueMarkers)
     locks/ab                  256 striped lock files, one per shard
 
 A record file is ``b"CPR1"``, a 4-byte big-endian header length, a JSON header
-(kind, status, metadata, times, blob size) and the blob bytes. Reading a record
-reads the header, then the blob with one ``readall()`` (sized from ``fstat``),
-so a 10 MB blob is copied once, from the page cache into the returned bytes.
+(kind, status, metadata, times, blob size) and the blob bytes; a reader copies
+the blob once, with one ``readall()`` sized from ``fstat``.
 
-Writes go to a temp file in the record's shard directory (``O_EXCL``, mode
-0600), are ``fsync``-ed, ``os.replace``-d over the record, and the directory is
-``fsync``-ed: a reader sees the old record or the new one, never a torn one,
-and a crash leaves at worst a stale ``.tmp-*`` file that :meth:`FileStore.setup`
-removes.
-
-Atomicity: every write of a record (put, delete, transition, replace_blob)
-holds its shard's lock, an in-process ``threading.Lock`` plus ``fcntl.flock`` on
-``locks/<shard>`` opened afresh for each operation (a fresh open file
-description, so threads and forked children never share a lock by accident).
-``transition()`` reads, checks and rewrites the record under that lock, so
-across processes exactly one caller wins. Readers take no lock: ``rename(2)``
-is atomic. A transition rewrites the whole file, but copies the blob inside
-the kernel (``copy_file_range``) instead of through Python.
-
-Due index: marker files named ``<due>-<key_hash>`` where ``<due>`` is the
-16-hex-digit order-preserving encoding of the float64 ``due_at`` (sign bit
-flipped for positives, all bits flipped for negatives), so a sorted listing is
-time order, exact for any float. Markers sit in bucket directories of
-``BUCKET_SECONDS`` named the same way, so :meth:`FileStore.due` lists only the
-bucket names and the buckets that have started, never the markers of records
-due later: cost O(buckets + due markers), not O(records). Markers are hints:
-a new marker is created (and its directory ``fsync``-ed) *before* the record
-that needs it is renamed into place, the old one removed after; ``due()``
-checks each marker against the record and removes stale ones under the shard
-lock. So a crash can leave an extra marker, never a missing one. (A sorted
-directory was chosen over an SQLite index file because it keeps one source
-of truth on one kind of storage, with the same crash rules as the records.)
+Atomicity: writes go to a temp file in the record's shard directory
+(``O_EXCL``, mode 0600), are ``fsync``-ed, ``os.replace``-d over the record,
+and the directory is ``fsync``-ed: a reader sees the old record or the new one,
+never a torn one, and a crash leaves at worst a stale ``.tmp-*`` file that
+:meth:`FileStore.setup` removes. Every write of a record (put, delete,
+transition, replace_blob) holds its shard's lock, an in-process
+``threading.Lock`` plus ``fcntl.flock`` on ``locks/<shard>`` opened afresh for
+each operation (a fresh open file description, so threads and forked children
+never share a lock by accident). ``transition()`` reads, checks and rewrites
+the record under that lock, so across processes exactly one caller wins.
+Readers take no lock: ``rename(2)`` is atomic. A transition rewrites the whole
+file, but copies the blob inside the kernel (``copy_file_range``). The due
+markers a write needs are created (and made durable) before the record is
+renamed into place, and stale ones removed after, so a crash can leave an
+extra marker, never a missing one.
 
 Safety: key hashes must be 64 lowercase hex digits (nothing can name a path
 outside the directory); record and lock files are opened with ``O_NOFOLLOW``
@@ -84,7 +70,7 @@ from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError, IntegrityError, StoreUnavailable
-from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep
+from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord
 
 __all__ = ["FileStore", "BUCKET_SECONDS"]
 
@@ -162,6 +148,113 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class _DueMarkers:
+    """The due index: empty marker files ``due/<bucket>/<due>-<key_hash>``.
+
+    ``<due>`` is :func:`encode_time` of ``due_at``, so a sorted listing is time
+    order, exact for any float. Markers sit in bucket directories of
+    ``BUCKET_SECONDS`` named the same way, so :meth:`walk` lists only the bucket
+    names and the buckets that have started, never the markers of records due
+    later: O(buckets + due markers), not O(records). Markers are hints: a writer
+    :meth:`add`-s the marker a record needs before renaming the record into place
+    and :meth:`remove`-s the old one after, and readers check each marker against
+    its record. (A sorted directory keeps one source of truth on one kind of
+    storage, with the same crash rules as the records, where an SQLite index file
+    would not.)
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @staticmethod
+    def locate(due_at: float, key_hash: str) -> tuple[str, str]:
+        """``(bucket, name)`` of the marker for a record due at ``due_at``."""
+        return _bucket(due_at), f"{encode_time(due_at)}-{key_hash}"
+
+    @classmethod
+    def needed(cls, old: float | None, new: float | None, key_hash: str) -> list[tuple[str, str]]:
+        """The marker to add when ``due_at`` moves from ``old`` to ``new`` (none if it stays)."""
+        if new is None or (old is not None and encode_time(old) == encode_time(new)):
+            return []
+        return [cls.locate(new, key_hash)]
+
+    def add(self, markers: Iterable[tuple[str, str]]) -> None:
+        """Create markers and make them durable (before the records that need them)."""
+        by_bucket: dict[str, list[str]] = {}
+        for bucket, name in markers:
+            by_bucket.setdefault(bucket, []).append(name)
+        for bucket, names in by_bucket.items():
+            path = os.path.join(self.path, bucket)
+            for _attempt in range(100):
+                try:
+                    self._add_to_bucket(path, names)
+                    break
+                except FileNotFoundError:
+                    # walk() removes empty past buckets; re-create and try again.
+                    continue
+            else:
+                raise OSError(errno.EAGAIN, "due bucket keeps disappearing")
+
+    def _add_to_bucket(self, path: str, names: list[str]) -> None:
+        try:
+            dfd = os.open(path, _OPEN_DIR)
+        except FileNotFoundError:
+            try:
+                os.makedirs(self.path, mode=0o700, exist_ok=True)
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+            else:
+                _fsync_dir(self.path)
+            dfd = os.open(path, _OPEN_DIR)
+        try:
+            for name in names:
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd))
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def remove(self, due_at: float | None, key_hash: str, *, keep: float | None) -> None:
+        """Remove the marker for ``due_at``, unless the record is still due at ``keep``."""
+        if due_at is None or (keep is not None and encode_time(due_at) == encode_time(keep)):
+            return
+        self.unlink(*self.locate(due_at, key_hash))
+
+    def unlink(self, bucket: str, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.path, bucket, name))
+
+    def walk(self, now: float) -> Iterator[tuple[str, str, str, str]]:
+        """``(bucket, name, encoded due_at, key_hash)`` of the markers due by ``now``, earliest first.
+
+        Removes the empty buckets of the past on the way.
+        """
+        try:
+            buckets = sorted(n for n in os.listdir(self.path) if _HEX16.fullmatch(n))
+        except FileNotFoundError:
+            return
+        for bucket in buckets:
+            start = decode_time(bucket)
+            if start > now:
+                break
+            path = os.path.join(self.path, bucket)
+            try:
+                names = sorted(os.listdir(path))
+            except FileNotFoundError:
+                continue
+            if not names and start + BUCKET_SECONDS < now:
+                with contextlib.suppress(OSError):  # not empty any more, or already gone
+                    os.rmdir(path)
+                continue
+            for name in names:
+                enc, _, kh = name.partition("-")
+                if not (_HEX16.fullmatch(enc) and _HEX64.fullmatch(kh)):
+                    continue
+                if decode_time(enc) > now:
+                    break
+                yield bucket, name, enc, kh
+
+
 class FileStore(BaseStore):
     """One file per record under a directory; see the module docstring.
 
@@ -193,6 +286,7 @@ class FileStore(BaseStore):
         self._records = os.path.join(self.root, "records")
         self._due = os.path.join(self.root, "due")
         self._locks = os.path.join(self.root, "locks")
+        self._markers = _DueMarkers(self._due)
         self._pid = os.getpid()
         self._thread_locks = [threading.Lock() for _ in range(256)]
 
@@ -425,60 +519,6 @@ class FileStore(BaseStore):
                 os.unlink(tmp, dir_fd=dir_fd)
             raise
 
-    # -- due markers ------------------------------------------------------------------------
-
-    @staticmethod
-    def _marker(due_at: float, key_hash: str) -> tuple[str, str]:
-        return _bucket(due_at), f"{encode_time(due_at)}-{key_hash}"
-
-    def _add_markers(self, markers: Iterable[tuple[str, str]]) -> None:
-        """Create markers and make them durable (before the records that need them)."""
-        by_bucket: dict[str, list[str]] = {}
-        for bucket, name in markers:
-            by_bucket.setdefault(bucket, []).append(name)
-        for bucket, names in by_bucket.items():
-            path = os.path.join(self._due, bucket)
-            for _attempt in range(100):
-                try:
-                    self._add_to_bucket(path, names)
-                    break
-                except FileNotFoundError:
-                    # due() removes empty past buckets; re-create and try again.
-                    continue
-            else:
-                raise OSError(errno.EAGAIN, "due bucket keeps disappearing")
-
-    def _add_to_bucket(self, path: str, names: list[str]) -> None:
-        try:
-            dfd = os.open(path, _OPEN_DIR)
-        except FileNotFoundError:
-            try:
-                os.makedirs(self._due, mode=0o700, exist_ok=True)
-                os.mkdir(path, 0o700)
-            except FileExistsError:
-                pass
-            else:
-                _fsync_dir(self._due)
-            dfd = os.open(path, _OPEN_DIR)
-        try:
-            for name in names:
-                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd))
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-    def _remove_marker(self, due_at: float | None, key_hash: str, keep: float | None) -> None:
-        if due_at is None or (keep is not None and encode_time(due_at) == encode_time(keep)):
-            return
-        bucket, name = self._marker(due_at, key_hash)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self._due, bucket, name))
-
-    def _new_marker(self, old: float | None, new: float | None, key_hash: str) -> list[tuple[str, str]]:
-        if new is None or (old is not None and encode_time(old) == encode_time(new)):
-            return []
-        return [self._marker(new, key_hash)]
-
     # -- the contract -----------------------------------------------------------------------
 
     def setup(self) -> None:
@@ -499,7 +539,8 @@ class FileStore(BaseStore):
 
     def put_many(self, records: Iterable[StoredRecord]) -> None:
         """Write records in one pass: shard locks (taken in order), one sync per marker bucket,
-        the new files ``fsync``-ed in parallel, renames, then one sync per shard directory.
+        the new files staged and ``fsync``-ed in parallel, then committed by renames and one
+        sync per shard directory.
 
         Other writers of those shards wait for the whole batch; callers batch in thousands.
         """
@@ -509,47 +550,64 @@ class FileStore(BaseStore):
             batch[record.key_hash] = record  # last one wins, as with put() in a loop
         if not batch:
             return
-        shards = sorted({k[:2] for k in batch})
-        with self._errors(), contextlib.ExitStack() as stack:
+        with self._errors(), self._shards_locked(sorted({k[:2] for k in batch})) as dirs:
+            old: dict[str, float | None] = {}
+            for key in batch:
+                current = self._read(key, with_blob=False, dir_fd=dirs[key[:2]])
+                old[key] = current.due_at if current is not None else None
+            self._markers.add([m for key, rec in batch.items() for m in _DueMarkers.needed(old[key], rec.due_at, key)])
+            self._commit_staged(self._stage(batch, dirs))
+            _fsync_all(list(dirs.values()))
+            for key, rec in batch.items():
+                self._markers.remove(old[key], key, keep=rec.due_at)
+
+    @contextlib.contextmanager
+    def _shards_locked(self, shards: list[str]) -> Iterator[dict[str, int]]:
+        """Lock ``shards`` (in the order given), then open their directories: ``{shard: fd}``."""
+        with contextlib.ExitStack() as stack:
             for shard in shards:
                 stack.enter_context(self._locked(shard))
             dirs: dict[str, int] = {}
             for shard in shards:
                 dirs[shard] = self._shard_dir(shard, create=True)
                 stack.callback(os.close, dirs[shard])
-            old: dict[str, float | None] = {}
-            for key in batch:
-                current = self._read(key, with_blob=False, dir_fd=dirs[key[:2]])
-                old[key] = current.due_at if current is not None else None
-            self._add_markers([m for key, rec in batch.items() for m in self._new_marker(old[key], rec.due_at, key)])
-            temps: list[tuple[int, str, str]] = []  # (shard dir fd, temp name, key)
-            fds: list[int] = []
-            try:
-                for key, rec in batch.items():
-                    dfd = dirs[key[:2]]
-                    name, fd = self._create_temp(dfd, key, [self._header(rec, len(rec.blob)), rec.blob])
-                    temps.append((dfd, name, key))
-                    fds.append(fd)
-                _fsync_all(fds)
-            except BaseException:
-                for dfd, name, _ in temps:
-                    with contextlib.suppress(OSError):
-                        os.unlink(name, dir_fd=dfd)
-                raise
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            for i, (dfd, name, key) in enumerate(temps):
-                try:
-                    os.replace(name, key, src_dir_fd=dfd, dst_dir_fd=dfd)
-                except BaseException:
-                    for rest_dfd, rest, _ in temps[i:]:
-                        with contextlib.suppress(OSError):
-                            os.unlink(rest, dir_fd=rest_dfd)
-                    raise
-            _fsync_all(list(dirs.values()))
+            yield dirs
+
+    def _stage(self, batch: dict[str, StoredRecord], dirs: dict[str, int]) -> list[tuple[int, str, str]]:
+        """Write every record to a temp file and ``fsync`` them all: ``[(shard dir fd, temp name, key)]``.
+
+        On failure no temp file is left behind.
+        """
+        temps: list[tuple[int, str, str]] = []
+        fds: list[int] = []
+        try:
             for key, rec in batch.items():
-                self._remove_marker(old[key], key, keep=rec.due_at)
+                dfd = dirs[key[:2]]
+                name, fd = self._create_temp(dfd, key, [self._header(rec, len(rec.blob)), rec.blob])
+                temps.append((dfd, name, key))
+                fds.append(fd)
+            _fsync_all(fds)
+        except BaseException:
+            for dfd, name, _ in temps:
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=dfd)
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return temps
+
+    @staticmethod
+    def _commit_staged(temps: list[tuple[int, str, str]]) -> None:
+        """Rename staged temp files over their records; on failure remove the ones not renamed yet."""
+        for i, (dfd, name, key) in enumerate(temps):
+            try:
+                os.replace(name, key, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                for rest_dfd, rest, _ in temps[i:]:
+                    with contextlib.suppress(OSError):
+                        os.unlink(rest, dir_fd=rest_dfd)
+                raise
 
     def get(self, key_hash: str) -> StoredRecord | None:
         self._check_key(key_hash)
@@ -558,23 +616,15 @@ class FileStore(BaseStore):
 
     def delete(self, key_hash: str) -> bool:
         self._check_key(key_hash)
-        shard = key_hash[:2]
-        if not os.path.isdir(self._locks):  # never written to: nothing to change, nothing to create
-            return False
-        with self._errors(), self._locked(shard):
-            try:
-                dfd = self._shard_dir(shard, create=False)
-            except FileNotFoundError:
+        with self._shard_for_update(key_hash) as dfd:
+            if dfd is None:
                 return False
-            try:
-                current = self._read(key_hash, with_blob=False, dir_fd=dfd)
-                if current is None:
-                    return False
-                os.unlink(key_hash, dir_fd=dfd)
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            self._remove_marker(current.due_at, key_hash, keep=None)
+            current = self._read(key_hash, with_blob=False, dir_fd=dfd)
+            if current is None:
+                return False
+            os.unlink(key_hash, dir_fd=dfd)
+            os.fsync(dfd)
+            self._markers.remove(current.due_at, key_hash, keep=None)
             return True
 
     def transition(
@@ -583,7 +633,7 @@ class FileStore(BaseStore):
         expect: Collection[Status],
         to: Status,
         *,
-        due_at: float | None | _Keep = KEEP,
+        due_at: float | None | Keep = KEEP,
         now: float,
     ) -> bool:
         self._check_key(key_hash)
@@ -591,55 +641,57 @@ class FileStore(BaseStore):
 
     def replace_blob(self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float) -> bool:
         self._check_key(key_hash)
-        shard = key_hash[:2]
-        if not os.path.isdir(self._locks):  # never written to: nothing to change, nothing to create
-            return False
-        with self._errors(), self._locked(shard):
-            try:
-                dfd = self._shard_dir(shard, create=False)
-            except FileNotFoundError:
+        with self._shard_for_update(key_hash) as dfd:
+            if dfd is None:
                 return False
-            try:
-                current = self._read(key_hash, with_blob=True, dir_fd=dfd)
-                if current is None or current.blob != old_blob:
-                    return False
-                new = current.replace(blob=new_blob, updated_at=now)
-                tmp = self._write(dfd, key_hash, [self._header(new, len(new_blob)), new_blob])
-                self._commit(dfd, tmp, key_hash)
-                os.fsync(dfd)
-                return True
-            finally:
-                os.close(dfd)
-
-    def _rewrite(self, key_hash: str, allowed: Any, *, to: Status, due_at: float | None | _Keep, now: float) -> bool:
-        shard = key_hash[:2]
-        if not os.path.isdir(self._locks):  # never written to: nothing to change, nothing to create
-            return False
-        with self._errors(), self._locked(shard):
-            try:
-                dfd = self._shard_dir(shard, create=False)
-            except FileNotFoundError:
+            current = self._read(key_hash, with_blob=True, dir_fd=dfd)
+            if current is None or current.blob != old_blob:
                 return False
-            try:
-                f = self._open_record(key_hash, dfd)
-                if f is None:
-                    return False
-                with f:
-                    header, offset = self._parse(f, key_hash)
-                    current = self._record(header, b"")
-                    if not allowed(current):
-                        return False
-                    new_due = current.due_at if isinstance(due_at, _Keep) else due_at
-                    new = current.replace(status=to, due_at=new_due, updated_at=now)
-                    size = int(header["blob_size"])
-                    self._add_markers(self._new_marker(current.due_at, new_due, key_hash))
-                    tmp = self._write(dfd, key_hash, [self._header(new, size)], (f.fileno(), offset, size))
-                self._commit(dfd, tmp, key_hash)
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            self._remove_marker(current.due_at, key_hash, keep=new_due)
+            new = current.replace(blob=new_blob, updated_at=now)
+            tmp = self._write(dfd, key_hash, [self._header(new, len(new_blob)), new_blob])
+            self._commit(dfd, tmp, key_hash)
+            os.fsync(dfd)
             return True
+
+    def _rewrite(self, key_hash: str, allowed: Any, *, to: Status, due_at: float | None | Keep, now: float) -> bool:
+        with self._shard_for_update(key_hash) as dfd:
+            if dfd is None:
+                return False
+            f = self._open_record(key_hash, dfd)
+            if f is None:
+                return False
+            with f:
+                header, offset = self._parse(f, key_hash)
+                current = self._record(header, b"")
+                if not allowed(current):
+                    return False
+                new_due = current.due_at if isinstance(due_at, Keep) else due_at
+                new = current.replace(status=to, due_at=new_due, updated_at=now)
+                size = int(header["blob_size"])
+                self._markers.add(_DueMarkers.needed(current.due_at, new_due, key_hash))
+                tmp = self._write(dfd, key_hash, [self._header(new, size)], (f.fileno(), offset, size))
+            self._commit(dfd, tmp, key_hash)
+            os.fsync(dfd)
+            self._markers.remove(current.due_at, key_hash, keep=new_due)
+            return True
+
+    @contextlib.contextmanager
+    def _shard_for_update(self, key_hash: str) -> Iterator[int | None]:
+        """The record's shard directory (an fd), locked, errors mapped; None when it was never written."""
+        shard = key_hash[:2]
+        if not os.path.isdir(self._locks):  # never written to: nothing to change, nothing to create
+            yield None
+            return
+        with self._errors(), self._locked(shard):
+            try:
+                dfd = self._shard_dir(shard, create=False)
+            except FileNotFoundError:
+                yield None
+                return
+            try:
+                yield dfd
+            finally:
+                os.close(dfd)
 
     def scan(
         self,
@@ -653,6 +705,7 @@ class FileStore(BaseStore):
         items: list[StoredRecord] = []
         if limit <= 0:
             return Page(items, None)
+        wanted = ScanRange(kind, status, limit, cursor)
         with self._errors():
             try:
                 shards = sorted(n for n in os.listdir(self._records) if _HEX2.fullmatch(n))
@@ -672,7 +725,7 @@ class FileStore(BaseStore):
                     rec = self._read(name, with_blob=with_blob)
                     if rec is None:  # deleted since the listing
                         continue
-                    if (kind is None or rec.kind == kind) and (status is None or rec.status == status):
+                    if wanted.matches(rec):
                         items.append(rec)
                         if len(items) >= limit:
                             return Page(items, name)
@@ -683,36 +736,14 @@ class FileStore(BaseStore):
         if limit <= 0:
             return out
         with self._errors():
-            try:
-                buckets = sorted(n for n in os.listdir(self._due) if _HEX16.fullmatch(n))
-            except FileNotFoundError:
-                return out
-            for bucket in buckets:
-                start = decode_time(bucket)
-                if start > now:
-                    break
-                path = os.path.join(self._due, bucket)
-                try:
-                    names = sorted(os.listdir(path))
-                except FileNotFoundError:
+            for bucket, name, enc, kh in self._markers.walk(now):
+                rec = self._read(kh, with_blob=True)
+                if rec is None or rec.due_at is None or encode_time(rec.due_at) != enc:
+                    self._drop_stale(bucket, name, kh, enc)
                     continue
-                if not names and start + BUCKET_SECONDS < now:
-                    with contextlib.suppress(OSError):  # not empty any more, or already gone
-                        os.rmdir(path)
-                    continue
-                for name in names:
-                    enc, _, kh = name.partition("-")
-                    if not (_HEX16.fullmatch(enc) and _HEX64.fullmatch(kh)):
-                        continue
-                    if decode_time(enc) > now:
-                        break
-                    rec = self._read(kh, with_blob=True)
-                    if rec is None or rec.due_at is None or encode_time(rec.due_at) != enc:
-                        self._drop_stale(bucket, name, kh, enc)
-                        continue
-                    out.append(rec)
-                    if len(out) >= limit:
-                        return out
+                out.append(rec)
+                if len(out) >= limit:
+                    return out
         return out
 
     def _drop_stale(self, bucket: str, name: str, key_hash: str, enc: str) -> None:
@@ -721,8 +752,7 @@ class FileStore(BaseStore):
         with self._locked(key_hash[:2]):
             rec = self._read(key_hash, with_blob=False)
             if rec is None or rec.due_at is None or encode_time(rec.due_at) != enc:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self._due, bucket, name))
+                self._markers.unlink(bucket, name)
 
     def health(self) -> dict[str, Any]:
         try:

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Collection
 from typing import ClassVar
 
-from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep, dump_metadata, load_metadata
+from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord, dump_metadata, load_metadata
 
 __all__ = ["MemoryStore"]
 
@@ -85,7 +85,7 @@ class MemoryStore(BaseStore):
         expect: Collection[Status],
         to: Status,
         *,
-        due_at: float | None | _Keep = KEEP,
+        due_at: float | None | Keep = KEEP,
         now: float,
     ) -> bool:
         with self._lock:
@@ -114,6 +114,7 @@ class MemoryStore(BaseStore):
         cursor: str | None = None,
         with_blob: bool = False,
     ) -> Page:
+        wanted = ScanRange(kind, status, limit, cursor)
         with self._lock:
             keys = sorted(self._records)
             start = bisect.bisect_right(keys, cursor) if cursor else 0
@@ -122,7 +123,7 @@ class MemoryStore(BaseStore):
             for kh in keys[start:]:
                 rec = self._records[kh]
                 last = kh
-                if (kind is None or rec.kind == kind) and (status is None or rec.status == status):
+                if wanted.matches(rec):
                     items.append(_detached(rec if with_blob else rec.replace(blob=b"")))
                     if len(items) >= limit:
                         break

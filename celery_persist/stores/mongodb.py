@@ -1,15 +1,9 @@
-"""``mongodb://``, ``mongodb+srv://`` (pymongo) and ``mongomock://`` (tests only).
+"""``mongodb://``, ``mongodb+srv://``: records in MongoDB (pymongo).
 
 URL:
     ``mongodb://[user:password@]host[:port][,host...][/database][?options]`` and
     ``mongodb+srv://...`` go to :class:`pymongo.MongoClient` unchanged. The
     database is the URL's path, ``celery_persist`` when it has none.
-
-    ``mongomock://[name][/database]`` is for tests only: an in-process
-    `mongomock <https://github.com/mongomock/mongomock>`_ server (``pip install
-    mongomock``; it is in the ``test`` extra). Stores opened with the same
-    ``name`` in one process share it; nothing is shared between processes and
-    nothing survives the process.
 
 Options:
     ``prefix`` (default ``"persist_"``): collection name prefix; the store uses
@@ -20,6 +14,14 @@ Options:
     no ``serverSelectionTimeoutMS``, so a lost server becomes
     :class:`StoreUnavailable` in seconds rather than pymongo's 30.
     ``client_options``: extra keyword arguments for ``MongoClient``.
+    ``client``: a client to use instead of one built from the URL (which then
+    names only the database); anything with pymongo's ``MongoClient`` API, such
+    as an in-process test double. It stays the caller's: the store never closes
+    it, and uses it in forked children too (making it safe there is the caller's
+    part; pymongo resets a client's sockets in the child).
+    ``bulk`` (default True): False writes ``put_many()`` one record at a time,
+    for clients whose ``bulk_write`` rejects the ``sort`` argument pymongo
+    >= 4.9 gives ``ReplaceOne``.
 
 Layout: one document per record in ``<prefix>records``::
 
@@ -30,20 +32,16 @@ Layout: one document per record in ``<prefix>records``::
      gen, nchunks, size                             -- larger blobs, see below}
 
 Metadata is stored as JSON text, not as a sub-document, so it comes back
-exactly as written (BSON would turn integer-valued floats and key order
-around). MongoDB's document limit is 16 MB, so a blob over ``inline_limit``
-(15 MiB) is split into ``<prefix>chunks`` documents ``{rec: key_hash, gen, n,
-data}``. The chunks of a new generation ``gen`` are written first and the
-record document is then pointed at them in one write, after which the chunks
-of the generation it replaced are deleted: a reader sees the old blob or the
-new one, and re-reads the record if a writer removed the chunks it was about
-to read.
-
-Indexes: ``_id`` (key lookups and unfiltered listing), ``(kind, status, _id)``
-for filtered listing, and ``(due_at, _id)`` restricted to documents that have
-a ``due_at`` (partial index), so :meth:`due` costs O(due records). Chunks are
-indexed by ``(rec, gen, n)``. MongoDB's TTL monitor is not used: expiry has
-side effects that cleanup must run.
+exactly as written. MongoDB's document limit is 16 MB, so a blob over
+``inline_limit`` is split into ``<prefix>chunks`` documents ``{rec: key_hash,
+gen, n, data}``. The chunks of a new generation ``gen`` are written first and
+the record document is then pointed at them in one write, after which the
+chunks of the generation it replaced are deleted: a reader sees the old blob
+or the new one, and re-reads the record if a writer removed the chunks it was
+about to read. Indexes: ``_id``, ``(kind, status, _id)`` for filtered listing,
+and ``(due_at, _id)`` restricted to documents that have a ``due_at`` (partial
+index), so :meth:`due` costs O(due records); chunks by ``(rec, gen, n)``.
+MongoDB's TTL monitor is not used: expiry has side effects that cleanup must run.
 
 Atomicity:
     ``transition()`` is one ``find_one_and_update({_id, status: {$in: expect}},
@@ -51,17 +49,16 @@ Atomicity:
     concurrent callers exactly one matches. ``replace_blob()`` is the same
     compare-and-set on ``digest`` (the SHA-256 of the blob), after writing new
     chunks if the blob needs them. ``put()`` replaces the whole document in one
-    write; ``put_many()`` sends one ``bulk_write`` per 1,000 records or 32 MiB
-    (mongomock cannot take current pymongo's bulk operations, so there it
-    writes one by one, and slowly: mongomock reads every document per lookup). No multi-document transactions are used, so
-    standalone servers work.
+    write; ``put_many()`` sends one ``bulk_write`` per 1,000 records or 32 MiB.
+    No multi-document transactions are used, so standalone servers work.
 
 Fork: pymongo clients are not fork-safe. The client is created on first use
 and again when ``os.getpid()`` changes; the child never touches the parent's
 client (pymongo's own at-fork hook has already dropped its sockets there).
 
-Servers tested: mongomock 4.3 with pymongo 4.20 (always, in-process); a real
-MongoDB server only when ``CELERY_PERSIST_TEST_MONGODB_URL`` is set.
+Servers tested: mongomock 4.3 (an in-process double, given as ``client``) with
+pymongo 4.20, always; a real MongoDB server only when
+``CELERY_PERSIST_TEST_MONGODB_URL`` is set.
 """
 
 from __future__ import annotations
@@ -78,8 +75,8 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..errors import ConfigurationError, StoreUnavailable
-from ._drivers import mask_url, require
-from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep, batches, dump_metadata, load_metadata
+from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord, batches, dump_metadata, load_metadata
+from .drivers import mask_url, require
 
 __all__ = ["MongoStore"]
 
@@ -108,36 +105,11 @@ _LISTING_FIELDS = {
     "updated_at": 1,
 }
 
-# mongomock servers by name: stores opened on the same mongomock URL share data
-# (as separate clients of one server would), and its lock stands in for the
-# per-document atomicity a real server gives (mongomock itself has no locks).
-_MOCK_SERVERS: dict[str, tuple[Any, threading.RLock]] = {}
-_MOCK_LOCK = threading.Lock()
-
-
-def _mock_server(mongomock: ModuleType, name: str) -> tuple[Any, threading.RLock]:
-    with _MOCK_LOCK:
-        if name not in _MOCK_SERVERS:
-            _MOCK_SERVERS[name] = (mongomock.MongoClient(), threading.RLock())
-        return _MOCK_SERVERS[name]
-
-
-def _reset_mock_locks() -> None:
-    """In a forked child: locks that a parent thread held at fork() would never be released."""
-    global _MOCK_LOCK
-    _MOCK_LOCK = threading.Lock()
-    for name, (client, _) in list(_MOCK_SERVERS.items()):
-        _MOCK_SERVERS[name] = (client, threading.RLock())
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_mock_locks)
-
 
 class MongoStore(BaseStore):
     """Records as MongoDB documents; see the module docstring for the layout."""
 
-    schemes: ClassVar[tuple[str, ...]] = ("mongodb", "mongodb+srv", "mongomock")
+    schemes: ClassVar[tuple[str, ...]] = ("mongodb", "mongodb+srv")
 
     def __init__(
         self,
@@ -148,33 +120,34 @@ class MongoStore(BaseStore):
         chunk_size: int = CHUNK_SIZE,
         server_selection_timeout: float = 10.0,
         client_options: Mapping[str, Any] | None = None,
+        client: Any = None,
+        bulk: bool = True,
     ) -> None:
         self.name = mask_url(url)
-        scheme = url.partition("://")[0].lower()
-        self._mock = scheme == "mongomock"
-        # pymongo is needed for mongomock too: it brings bson and the error classes.
+        # Needed with a given client too: pymongo brings bson, ReplaceOne and the error classes.
         self._pymongo: ModuleType = require("pymongo", extra="mongodb", store="mongodb")
-        self._mongomock: ModuleType | None = require("mongomock", extra="test", store="mongomock") if self._mock else None
         if not isinstance(prefix, str) or "$" in prefix or "\0" in prefix:
             raise ConfigurationError("mongodb prefix must be a string without '$' or NUL", store=self.name)
         if not 0 < chunk_size <= INLINE_LIMIT:
             raise ConfigurationError(f"mongodb chunk_size must be in 1..{INLINE_LIMIT}", store=self.name)
         if not 0 <= inline_limit <= INLINE_LIMIT:
             raise ConfigurationError(f"mongodb inline_limit must be in 0..{INLINE_LIMIT}", store=self.name)
+        if client is not None and client_options:
+            raise ConfigurationError("mongodb client_options do not apply to a given client; configure the client", store=self.name)
         self._url = url
         self._prefix = prefix
         self._inline_limit = inline_limit
         self._chunk_size = chunk_size
+        self._given = client
+        self._bulk = bool(bulk)
         self._client_options = dict(client_options or {})
         parts = urlsplit(url)
-        query = {k.lower() for k, _ in parse_qsl(parts.query)}
-        if not self._mock and "serverselectiontimeoutms" not in query:
+        if client is None and "serverselectiontimeoutms" not in {k.lower() for k, _ in parse_qsl(parts.query)}:
             self._client_options.setdefault("serverSelectionTimeoutMS", int(server_selection_timeout * 1000))
         self._database = unquote(parts.path.lstrip("/")) or DEFAULT_DATABASE
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._client: Any = None
-        self._mock_name = parts.netloc or "default"
 
     # -- connection -------------------------------------------------------------------------
 
@@ -185,7 +158,7 @@ class MongoStore(BaseStore):
             if self._pid != pid:
                 # A forked child: the parent's lock may be held by a thread that does not
                 # exist here. The parent's client is dropped, not closed; pymongo's at-fork
-                # hook has already reset it in this process.
+                # hook has already reset it in this process. (A given client is used again.)
                 self._lock = threading.Lock()
                 self._client = None
                 self._pid = pid
@@ -196,8 +169,8 @@ class MongoStore(BaseStore):
         return db[f"{self._prefix}records"], db[f"{self._prefix}chunks"]
 
     def _connect(self) -> Any:
-        if self._mongomock is not None:
-            return _mock_server(self._mongomock, self._mock_name)[0]
+        if self._given is not None:
+            return self._given
         log.debug("mongodb store %s: new client in process %d", self.name, os.getpid())
         with self._errors():
             return self._pymongo.MongoClient(self._url, **self._client_options)
@@ -206,12 +179,8 @@ class MongoStore(BaseStore):
     def _errors(self) -> Iterator[None]:
         """Map pymongo's exceptions onto the celery-persist error tree."""
         errors = self._pymongo.errors
-        op_lock: contextlib.AbstractContextManager[Any] = (
-            _mock_server(self._mongomock, self._mock_name)[1] if self._mongomock is not None else contextlib.nullcontext()
-        )
         try:
-            with op_lock:
-                yield
+            yield
         except (errors.ConnectionFailure, errors.ExecutionTimeout, errors.WTimeoutError) as exc:
             # ConnectionFailure covers AutoReconnect, NetworkTimeout and ServerSelectionTimeoutError.
             raise StoreUnavailable(f"MongoDB is unreachable ({type(exc).__name__})", store=self.name) from exc
@@ -295,7 +264,7 @@ class MongoStore(BaseStore):
         """The document's blob; None when its chunks were replaced while we read."""
         if "gen" not in doc:
             blob = doc.get("blob", b"")
-            # pymongo decodes binary subtype 0 to bytes; mongomock hands back what it stored.
+            # pymongo decodes binary subtype 0 to bytes; other clients may hand back what they stored.
             return blob if type(blob) is bytes else bytes(blob)
         parts = list(chunks.find({"rec": doc["_id"], "gen": doc["gen"]}, {"_id": 0, "n": 1, "data": 1}).sort("n", 1))
         if [p["n"] for p in parts] != list(range(doc["nchunks"])):
@@ -323,11 +292,9 @@ class MongoStore(BaseStore):
             self._put_batch(batch)
 
     def _put_batch(self, batch: list[StoredRecord]) -> None:
-        if self._mock:
-            # mongomock 4.3's bulk API rejects the ``sort`` argument pymongo >= 4.9
-            # passes for ReplaceOne, so the test double writes one by one. It has no
-            # indexes either (every lookup reads every document), so it inserts first
-            # (a dict insert) and replaces only keys that exist.
+        if not self._bulk:
+            # Inserting first costs one write for a new key (the common case: a
+            # suspension is written once); only keys that exist are replaced.
             for record in batch:
                 if len(record.blob) > self._inline_limit or not self._insert_new(record):
                     self.put(record)
@@ -388,13 +355,13 @@ class MongoStore(BaseStore):
         expect: Collection[Status],
         to: Status,
         *,
-        due_at: float | None | _Keep = KEEP,
+        due_at: float | None | Keep = KEEP,
         now: float,
     ) -> bool:
         update: dict[str, Any] = {"$set": {"status": to.value, "updated_at": float(now)}}
         if due_at is None:
             update["$unset"] = {"due_at": ""}
-        elif not isinstance(due_at, _Keep):
+        elif not isinstance(due_at, Keep):
             update["$set"]["due_at"] = float(due_at)
         with self._errors():
             records, _ = self._collections()
@@ -446,25 +413,25 @@ class MongoStore(BaseStore):
         if cursor is not None:
             query["_id"] = {"$gt": cursor}
         projection = None if with_blob else _LISTING_FIELDS
+        wanted = ScanRange(kind, status, limit, cursor)
         with self._errors():
             records, chunks = self._collections()
             # One extra document tells whether another page exists.
-            docs = list(records.find(query, projection).sort("_id", 1).limit(limit + 1))
+            docs, next_cursor = wanted.page(list(records.find(query, projection).sort("_id", 1).limit(limit + 1)), lambda d: str(d["_id"]))
             items: list[StoredRecord] = []
-            for doc in docs[:limit]:
+            for doc in docs:
                 if not with_blob:
                     items.append(self._record(doc, b""))
                     continue
                 blob = self._blob(chunks, doc)
                 if blob is None:  # replaced while we read: take the new version, if it still matches
                     fresh = self.get(doc["_id"])
-                    if fresh is None or (kind is not None and fresh.kind != kind) or (status is not None and fresh.status != status):
+                    if fresh is None or not wanted.matches(fresh):
                         continue
                     items.append(fresh)
                 else:
                     items.append(self._record(doc, blob))
-        more = len(docs) > limit
-        return Page(items, docs[limit - 1]["_id"] if more else None)
+        return Page(items, next_cursor)
 
     def due(self, now: float, limit: int = 100) -> list[StoredRecord]:
         if limit <= 0:
@@ -490,12 +457,8 @@ class MongoStore(BaseStore):
             with self._errors():
                 records, _ = self._collections()
                 client = self._client
-                if self._mock:
-                    report["version"] = f"mongomock {getattr(self._mongomock, '__version__', '?')}"
-                    report["warning"] = "mongomock: in-process test double, nothing is durable"
-                else:
-                    client.admin.command("ping")
-                    report["version"] = client.server_info().get("version")
+                client.admin.command("ping")
+                report["version"] = client.server_info().get("version")
                 records.estimated_document_count()
         except Exception as exc:  # noqa: BLE001 - health reports, it does not raise
             report["error"] = type(exc).__name__
@@ -505,6 +468,6 @@ class MongoStore(BaseStore):
 
     def close(self) -> None:
         client, self._client = self._client, None
-        if client is not None and not self._mock and self._pid == os.getpid():
+        if client is not None and self._given is None and self._pid == os.getpid():
             with contextlib.suppress(Exception):
                 client.close()

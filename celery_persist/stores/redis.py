@@ -30,37 +30,28 @@ Options:
     ``socket_timeout`` (30 s) / ``socket_connect_timeout`` (5 s).
     ``client_options``: extra keyword arguments for the redis-py client
     (``max_connections``, ``ssl_ca_certs``, ...); they override the above.
+    Install ``redis[hiredis]``: replies are parsed by hiredis, while commands
+    with a value over 64 KiB bypass its copying packer (see :mod:`.redis_conn`).
 
 Layout (``P`` = prefix; every key carries the hash tag ``{P}``)::
 
     {P}:r:<key_hash>   hash: kind, status, meta (canonical JSON), created_at,
                        updated_at, expires_at, due_at (absent when None; floats
                        as ``repr`` strings, so float64 round-trips exactly), op
-    {P}:b:<key_hash>   string: the blob
+    {P}:b:<key_hash>   string: the blob (a key of its own: SET keeps the received
+                       buffer where HSET copies it, and listings never touch it)
     {P}:due            sorted set, score due_at: the due index (absent when None)
     {P}:all            sorted set, score 0, of every key_hash: unfiltered listing
     {P}:ix             sorted set, score 0, of "<kind>:<status>:<key_hash>":
                        filtered listing, one ZRANGEBYLEX per (kind, status) range
     {P}:layout         layout version, written by setup()
 
-The blob has its own string key instead of a hash field: Redis copies a hash
-field's value on HSET (a 10 MB HSET took 22-27 ms here, SET 10-12 ms, the raw
-socket floor 11-12 ms), while SET keeps the received buffer. Listing without
-blobs then never touches them either.
-
-Hash tag and Redis Cluster: every key of one prefix lives in one slot, so a
-record, its blob and the three indexes are always on one node, and Lua
-scripts and MULTI blocks may touch them together. The price: one prefix is
-served by one shard (plus its replicas); it does not spread over the cluster.
-To spread load, give applications different prefixes.
-
-Listing: ``scan()`` walks ``{P}:all`` (no filter) or the ``{P}:ix`` ranges of
-the wanted (kind, status) pairs (one per pair, read in one MULTI so they are
-one snapshot), merged in key_hash order; each candidate is then read and its
-kind and status checked again, so a record that moved or vanished in between
-is skipped, never duplicated. Records are kept in per-(kind, status) ranges
-rather than filtered client-side so a filtered page costs O(page), however
-few records match.
+Every key of one prefix lives in one cluster slot, so Lua scripts and MULTI
+blocks may touch a record, its blob and the indexes together; one prefix is
+therefore served by one shard (give applications different prefixes to spread
+load). ``scan()`` reads index ranges in one MULTI, then re-checks each record's
+kind and status, so a record that moved in between is skipped, never
+duplicated; a filtered page costs O(page), however few records match.
 
 Atomicity:
     ``transition()`` is one Lua script (EVALSHA, re-sent with SCRIPT LOAD on
@@ -74,27 +65,18 @@ Atomicity:
     fail only that command while the SETs still ran.) ``put_many()`` sends
     chunks of 1,000 records or 32 MiB of blobs. ``delete()`` is one MULTI.
 
-Retries: redis-py re-sends a command after a connection error or timeout,
-even when the first attempt ran and only its reply was lost. ``put`` is
-idempotent. ``transition`` and ``replace_blob`` store a random token in the
-record's ``op`` field when they commit; a re-sent call finding its own token
-returns True again, so a lost reply neither loses a won claim nor lets a
-second caller win it. A re-sent ``delete`` reports False (the first attempt
-already removed the record). A call that still fails raises
-:class:`StoreUnavailable`; its effect is then unknown (a claim made that way
-is a lease that cleanup re-opens).
+    redis-py re-sends a command after a connection error or timeout, even when
+    the first attempt ran and only its reply was lost. ``put`` is idempotent.
+    ``transition`` and ``replace_blob`` store a random token in the record's
+    ``op`` field when they commit; a re-sent call finding its own token returns
+    True again, so a lost reply neither loses a won claim nor lets a second
+    caller win it. A re-sent ``delete`` reports False. A call that still fails
+    raises :class:`StoreUnavailable`; its effect is then unknown (a claim made
+    that way is a lease that cleanup re-opens).
 
 Fork: the client is created on first use and re-created when ``os.getpid()``
 changes, with a fresh connection pool; a child never sends on its parent's
 sockets nor shuts them down (it only drops its inherited descriptors).
-
-Speed: with hiredis installed redis-py packs commands with hiredis, which
-copies every argument (a 10 MB SET: 34-43 ms). This store keeps hiredis for
-commands with small arguments (several times faster than the pure-Python
-packer) and hands commands with an argument over 64 KiB to redis-py's
-pure-Python packer, which sends large values without copying them. Replies
-still go through hiredis's parser when installed (the pure-Python parser takes
-45-55 ms for a 10 MB reply), so install ``redis[hiredis]``.
 
 Servers tested: Redis 7.0 standalone (TCP and unix socket), a one-node Redis
 Cluster, Sentinel, with redis-py 8.1 and hiredis 3.5. ``rediss://`` is redis-py's
@@ -111,13 +93,12 @@ import threading
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from ..errors import ConfigurationError, PersistenceError, StoreUnavailable
-from ._drivers import mask_url, require
-from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, _Keep, batches, dump_metadata, load_metadata
+from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord, batches, dump_metadata, load_metadata
+from .drivers import mask_url, require
+from .redis_conn import SCHEMES, RedisTarget
 
 __all__ = ["RedisStore"]
 
@@ -131,9 +112,6 @@ _CHUNK_BYTES = 32 * 1024 * 1024
 _SCRIPT_BATCH = 250
 #: Blobs up to this size travel inside the put script; larger ones get their own SET.
 _INLINE_BLOB = 64 * 1024
-#: Commands with an argument larger than this are packed without copying it.
-_LARGE_ARG = 64 * 1024
-_SENTINEL_PORT = 26379
 _ALL_PAIRS = tuple(f"{k.value}:{s.value}:" for k in Kind for s in Status)
 
 # Batch upsert. KEYS: all, due, ix, then (record, blob) per record.
@@ -203,93 +181,6 @@ return 1
 """
 
 
-class _SplitPacker:
-    """redis-py command packer: hiredis for small commands, pure Python for large values.
-
-    hiredis builds one buffer holding every argument (a copy of a 10 MB blob);
-    redis-py's ``PythonRespSerializer`` sends an argument over its cutoff as its
-    own chunk, uncopied, but is several times slower per small command.
-    """
-
-    def __init__(self, connection: ModuleType) -> None:
-        encode = connection.Encoder("utf-8", "strict", False).encode
-        # 6000 is redis-py's own cutoff between joined and separately sent arguments.
-        self._python = connection.PythonRespSerializer(6000, encode)
-        self._hiredis = connection.HiredisRespSerializer() if connection.HIREDIS_AVAILABLE else None
-
-    def pack(self, *args: Any) -> list[Any]:
-        if self._hiredis is not None:
-            for arg in args:
-                if isinstance(arg, bytes | bytearray | memoryview) and len(arg) > _LARGE_ARG:
-                    break
-            else:
-                packed: list[Any] = self._hiredis.pack(*args)
-                return packed
-        packed = self._python.pack(*args)
-        return packed
-
-
-def _make_packer(redis: ModuleType) -> _SplitPacker | None:
-    connection = redis.connection
-    needed = ("PythonRespSerializer", "HiredisRespSerializer", "Encoder", "HIREDIS_AVAILABLE")
-    if not all(hasattr(connection, name) for name in needed):
-        # An older redis-py without the command_packer hook: keep its default packer.
-        return None
-    return _SplitPacker(connection)
-
-
-@dataclass(frozen=True, slots=True)
-class _SentinelTarget:
-    sentinels: list[tuple[str, int]]
-    service: str
-    options: dict[str, Any]
-    sentinel_options: dict[str, Any]
-
-
-def _parse_sentinel_url(url: str, redis: ModuleType) -> _SentinelTarget:
-    parts = urlsplit(url)
-    userinfo, _, hostlist = parts.netloc.rpartition("@")
-    sentinels: list[tuple[str, int]] = []
-    for item in hostlist.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if item.startswith("["):
-            host, _, rest = item[1:].partition("]")
-            port = rest[1:] if rest.startswith(":") else ""
-        else:
-            host, sep, port = item.rpartition(":")
-            if not sep:
-                host, port = item, ""
-        try:
-            sentinels.append((unquote(host), int(port) if port else _SENTINEL_PORT))
-        except ValueError:
-            raise ConfigurationError(f"bad sentinel port in {mask_url(url)!r}") from None
-    segments = [unquote(s) for s in parts.path.split("/") if s]
-    if not sentinels or not segments or len(segments) > 2:
-        raise ConfigurationError(
-            f"sentinel URL {mask_url(url)!r} must look like "
-            "'redis+sentinel://[user:password@]host[:port][,host[:port]...]/service_name[/db]'"
-        )
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    sentinel_options: dict[str, Any] = {}
-    for name in ("sentinel_username", "sentinel_password"):
-        if name in query:
-            sentinel_options[name.removeprefix("sentinel_")] = query.pop(name)
-    db = segments[1] if len(segments) == 2 else "0"
-    # Let redis-py type the query options and credentials exactly as for redis://.
-    shadow = f"redis://{userinfo + '@' if userinfo else ''}sentinel/{db}"
-    if query:
-        shadow += "?" + urlencode(query)
-    try:
-        options = dict(redis.connection.parse_url(shadow))
-    except ValueError as exc:
-        raise ConfigurationError(f"bad store URL {mask_url(url)!r}: {exc}") from None
-    options.pop("host", None)
-    options.pop("port", None)
-    return _SentinelTarget(sentinels, segments[0], options, sentinel_options)
-
-
 @dataclass(frozen=True, slots=True)
 class _Conn:
     """A client and its scripts, valid only in the process that made them."""
@@ -328,7 +219,7 @@ class RedisStore(BaseStore):
         ["persistence is off (no RDB save points and appendonly no): ..."]
     """
 
-    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "unix", "redis+sentinel")
+    schemes: ClassVar[tuple[str, ...]] = SCHEMES
 
     def __init__(
         self,
@@ -350,37 +241,14 @@ class RedisStore(BaseStore):
             )
         if not isinstance(retries, int) or retries < 0:
             raise ConfigurationError(f"retries must be an integer >= 0, not {retries!r}", store=self.name)
-        scheme = url.partition("://")[0].lower()
-        if scheme not in self.schemes:
-            raise ConfigurationError(
-                f"the Redis store serves {', '.join(s + '://' for s in self.schemes)} URLs, not {scheme}://",
-                store=self.name,
-            )
-        self._url = url
-        self._cluster = bool(cluster)
-        self._sentinel: _SentinelTarget | None = None
-        if scheme == "redis+sentinel":
-            if self._cluster:
-                raise ConfigurationError("cluster=True does not combine with redis+sentinel://", store=self.name)
-            self._sentinel = _parse_sentinel_url(url, self._redis)
-            url_options = self._sentinel.options
-        else:
-            if self._cluster and scheme == "unix":
-                raise ConfigurationError("Redis Cluster does not serve unix:// sockets", store=self.name)
-            try:
-                url_options = dict(self._redis.connection.parse_url(url))
-            except ValueError as exc:
-                raise ConfigurationError(f"bad Redis URL {self.name!r}: {exc}", store=self.name) from None
-            if self._cluster and url_options.get("db", 0) != 0:
-                raise ConfigurationError("Redis Cluster has only database 0; drop the /db from the URL", store=self.name)
-        options = dict(client_options or {})
-        if url_options.get("decode_responses") or options.get("decode_responses"):
-            raise ConfigurationError("the Redis store needs decode_responses off (blobs are bytes)", store=self.name)
-        self._options: dict[str, Any] = {
-            "socket_timeout": socket_timeout,
-            "socket_connect_timeout": socket_connect_timeout,
-            **options,
-        }
+        self._target = RedisTarget.parse(
+            url,
+            self._redis,
+            cluster=cluster,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            client_options=client_options,
+        )
         self._retries = retries
         self._prefix = prefix
         tag = "{" + prefix + "}"
@@ -404,7 +272,7 @@ class RedisStore(BaseStore):
     @property
     def mode(self) -> str:
         """``"standalone"``, ``"cluster"`` or ``"sentinel"``."""
-        return "cluster" if self._cluster else "sentinel" if self._sentinel else "standalone"
+        return self._target.mode
 
     def _connection(self) -> _Conn:
         pid = os.getpid()
@@ -421,7 +289,7 @@ class RedisStore(BaseStore):
             self._owner_pid = pid
         with self._lock:
             if self._conn is None or self._conn.pid != pid:
-                client = self._build_client()
+                client = self._target.connect(self._redis, self._retries)
                 log.debug("redis store %s: new %s client in pid %d", self.name, self.mode, pid)
                 self._conn = _Conn(
                     client,
@@ -430,36 +298,6 @@ class RedisStore(BaseStore):
                     client.register_script(_REPLACE_BLOB),
                 )
             return self._conn
-
-    def _build_client(self) -> Any:
-        redis = self._redis
-        packer = _make_packer(redis)
-        backoff = redis.backoff.ExponentialWithJitterBackoff(cap=1.0, base=0.05)
-        retry = redis.retry.Retry(backoff, self._retries)
-        options = dict(self._options)
-        if self._cluster:
-            cluster_mod = require("redis.cluster", extra="redis", store="redis")
-            pool_class = options.pop("connection_pool_class", None)
-            if pool_class is None and packer is not None:
-                pool_class = _packer_pool_class(redis, packer)
-            if pool_class is not None:
-                options["connection_pool_class"] = pool_class
-            # Cluster node connections never retry; RedisCluster retries, re-reading the topology.
-            return cluster_mod.RedisCluster.from_url(self._url, retry=retry, **options)
-        options.setdefault("retry", retry)
-        if packer is not None:
-            options.setdefault("command_packer", packer)
-        if self._sentinel is not None:
-            sentinel_mod = require("redis.sentinel", extra="redis", store="redis")
-            target = self._sentinel
-            sentinel_kwargs = {
-                "socket_timeout": options.get("socket_timeout"),
-                "socket_connect_timeout": options.get("socket_connect_timeout"),
-                **target.sentinel_options,
-            }
-            manager = sentinel_mod.Sentinel(target.sentinels, sentinel_kwargs=sentinel_kwargs)
-            return manager.master_for(target.service, **{**options, **target.options})
-        return redis.Redis.from_url(self._url, **options)
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -551,7 +389,7 @@ class RedisStore(BaseStore):
         """Upsert in MULTI blocks of up to 1,000 records or 32 MiB of blobs.
 
         Each block is atomic and runs without other clients' commands in
-        between: about 10-30 ms of server time per 1,000 small records here.
+        between, which is why blocks stay this small.
         """
         for batch in batches(records, max_records=_CHUNK_RECORDS, max_bytes=_CHUNK_BYTES):
             self._write(batch)
@@ -613,7 +451,7 @@ class RedisStore(BaseStore):
         expect: Collection[Status],
         to: Status,
         *,
-        due_at: float | None | _Keep = KEEP,
+        due_at: float | None | Keep = KEEP,
         now: float,
     ) -> bool:
         if not expect:
@@ -651,38 +489,44 @@ class RedisStore(BaseStore):
         cursor: str | None = None,
         with_blob: bool = False,
     ) -> Page:
-        limit = max(1, int(limit))
-        want_kind = None if kind is None else Kind(kind)
-        want_status = None if status is None else Status(status)
-        if want_kind is None and want_status is None:
-            ranges = [(self._k_all, "")]
-        else:
-            kinds = list(Kind) if want_kind is None else [want_kind]
-            statuses = list(Status) if want_status is None else [want_status]
-            ranges = [(self._k_ix, f"{k.value}:{s.value}:") for k in kinds for s in statuses]
+        wanted = ScanRange(
+            kind=None if kind is None else Kind(kind),
+            status=None if status is None else Status(status),
+            limit=max(1, int(limit)),
+            cursor=cursor,
+        )
+        ranges = self._index_ranges(wanted.kind, wanted.status)
         items: list[StoredRecord] = []
         last = cursor
         with self._errors():
             client = self._connection().client
-            while len(items) < limit:
-                need = limit - len(items)
+            while len(items) < wanted.limit:
+                need = wanted.limit - len(items)
                 keys = self._index_page(client, ranges, last, need)
                 if not keys:
                     break
                 for rec in self._fetch(client, keys, with_blob=with_blob):
                     if rec is None:
                         continue  # deleted after the index read
-                    if (want_kind is None or rec.kind == want_kind) and (want_status is None or rec.status == want_status):
+                    if wanted.matches(rec):
                         items.append(rec)
                 last = keys[-1]
                 if len(keys) < need:
                     break
             more = False
-            if len(items) >= limit and last is not None:
+            if len(items) >= wanted.limit and last is not None:
                 # Like the reference store: a full page has a next cursor while any
                 # record at all follows, even if none of them matches the filter.
                 more = bool(client.zrangebylex(self._k_all, "(" + last, "+", start=0, num=1))
         return Page(items, last if more else None)
+
+    def _index_ranges(self, kind: Kind | None, status: Status | None) -> list[tuple[str, str]]:
+        """(sorted set, member prefix) pairs whose members are the wanted records, in key order each."""
+        if kind is None and status is None:
+            return [(self._k_all, "")]
+        kinds = list(Kind) if kind is None else [kind]
+        statuses = list(Status) if status is None else [status]
+        return [(self._k_ix, f"{k.value}:{s.value}:") for k in kinds for s in statuses]
 
     def _index_page(self, client: Any, ranges: Sequence[tuple[str, str]], after: str | None, need: int) -> list[str]:
         pipe = client.pipeline(transaction=len(ranges) > 1)
@@ -777,37 +621,20 @@ class RedisStore(BaseStore):
         except Exception as err:  # noqa: BLE001 - health reports, it does not raise
             report["error"] = type(err).__name__
             return report
-        warnings: list[str] = []
-        policy = str(info.get("maxmemory_policy", "unknown"))
-        if policy != "noeviction":
-            warnings.append(
-                f"maxmemory-policy is {policy!r}: Redis may evict records under memory pressure; set maxmemory-policy noeviction"
-            )
-        aof = str(info.get("aof_enabled", "0")) == "1"
-        if save is None:
-            if not aof:
-                warnings.append("appendonly is off and CONFIG GET save was refused: check that RDB snapshots run")
-        elif not aof and not save.strip():
-            warnings.append(
-                "persistence is off (no RDB save points and appendonly no): a Redis restart loses every record; enable appendonly yes"
-            )
-        for field in ("rdb_last_bgsave_status", "aof_last_write_status"):
-            if str(info.get(field, "ok")) != "ok":
-                warnings.append(f"{field} is {info[field]!r}: Redis is failing to persist data")
         report.update(
             ok=True,
             server_version=str(info.get("redis_version", "unknown")),
-            maxmemory_policy=policy,
-            appendonly=aof,
+            maxmemory_policy=str(info.get("maxmemory_policy", "unknown")),
+            appendonly=str(info.get("aof_enabled", "0")) == "1",
             save=save,
-            warnings=warnings,
+            warnings=_durability_warnings(info, save),
         )
         return report
 
     def _node_info(self, client: Any) -> dict[str, Any]:
         info: dict[str, Any] = {}
         for section in ("server", "persistence", "memory"):
-            if self._cluster:
+            if self._target.cluster:
                 node = client.get_node_from_key(self._k_all)
                 info.update(client.info(section, target_nodes=node))
             else:
@@ -816,7 +643,7 @@ class RedisStore(BaseStore):
 
     def _node_config(self, client: Any, name: str) -> str | None:
         try:
-            if self._cluster:
+            if self._target.cluster:
                 node = client.get_node_from_key(self._k_all)
                 values = client.config_get(name, target_nodes=node)
             else:
@@ -836,16 +663,21 @@ class RedisStore(BaseStore):
                 conn.client.close()
 
 
-def _packer_pool_class(redis: ModuleType, packer: _SplitPacker) -> type[Any]:
-    """A ConnectionPool that gives its connections ``packer``.
-
-    RedisCluster drops unknown connection keyword arguments such as
-    ``command_packer`` but accepts a pool class.
-    """
-
-    class PackerConnectionPool(redis.ConnectionPool):  # type: ignore[misc,name-defined]
-        def __init__(self, **kwargs: Any) -> None:
-            kwargs.setdefault("command_packer", packer)
-            super().__init__(**kwargs)
-
-    return PackerConnectionPool
+def _durability_warnings(info: Mapping[str, Any], save: str | None) -> list[str]:
+    """What in INFO and ``CONFIG GET save`` (None: refused) may lose records."""
+    warnings: list[str] = []
+    policy = str(info.get("maxmemory_policy", "unknown"))
+    if policy != "noeviction":
+        warnings.append(f"maxmemory-policy is {policy!r}: Redis may evict records under memory pressure; set maxmemory-policy noeviction")
+    aof = str(info.get("aof_enabled", "0")) == "1"
+    if save is None:
+        if not aof:
+            warnings.append("appendonly is off and CONFIG GET save was refused: check that RDB snapshots run")
+    elif not aof and not save.strip():
+        warnings.append(
+            "persistence is off (no RDB save points and appendonly no): a Redis restart loses every record; enable appendonly yes"
+        )
+    for field in ("rdb_last_bgsave_status", "aof_last_write_status"):
+        if str(info.get(field, "ok")) != "ok":
+            warnings.append(f"{field} is {info[field]!r}: Redis is failing to persist data")
+    return warnings

@@ -151,12 +151,12 @@ def test_stale_markers_from_a_crash_are_dropped(fstore: FileStore) -> None:
     fstore.put(rec(moved, NOW + 10**6))
     # A writer died after creating markers: one for a record never written, one for an old due_at.
     for key, due_at in ((gone, NOW - 10), (moved, NOW - 7)):
-        bucket, name = fstore._marker(due_at, key)
+        bucket, name = fstore._markers.locate(due_at, key)
         (Path(fstore.root) / "due" / bucket).mkdir(exist_ok=True)
         (Path(fstore.root) / "due" / bucket / name).touch()
     assert [r.key_hash for r in fstore.due(NOW)] == [live]
     markers = sorted(p.name for p in (Path(fstore.root) / "due").rglob("*") if p.is_file())
-    assert markers == sorted([fstore._marker(NOW - 5, live)[1], fstore._marker(NOW + 10**6, moved)[1]])
+    assert markers == sorted([fstore._markers.locate(NOW - 5, live)[1], fstore._markers.locate(NOW + 10**6, moved)[1]])
 
 
 def test_setup_removes_old_temp_files_only(fstore: FileStore) -> None:

@@ -1,8 +1,8 @@
 """MongoStore specifics: document layout, chunked blobs, indexes, driver errors.
 
 The shared behaviour is in ``test_store_contract.py``; this file checks what only
-the MongoDB store has. It runs on mongomock (in-process), and on a real server
-too when ``CELERY_PERSIST_TEST_MONGODB_URL`` is set.
+the MongoDB store has. It runs on mongomock (in-process, given to the store as its
+``client``), and on a real server too when ``CELERY_PERSIST_TEST_MONGODB_URL`` is set.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 from celery_persist.errors import ConfigurationError, StoreUnavailable
 from celery_persist.stores import Kind, Status, StoredRecord, open_store
 from celery_persist.stores.mongodb import CHUNK_SIZE, INLINE_LIMIT, MongoStore
-from tests.integration.backends.mongodb import MONGODB_URL
+from tests.integration.backends.mongodb import MONGODB_URL, MONGOMOCK_URL, LockedMongomock, mongomock_store_options
 
 pytestmark = pytest.mark.integration
 
@@ -58,8 +58,16 @@ def free_port() -> int:
         return port
 
 
+#: One in-process mongomock server for this module, apart from the contract suite's.
+MONGOMOCK_OPTIONS = mongomock_store_options()
+
+
 def url_for(server: str) -> str:
-    return MONGODB_URL if server == "mongodb" else "mongomock://mongodb-store-tests/specifics"
+    return MONGODB_URL if server == "mongodb" else MONGOMOCK_URL
+
+
+def options_for(server: str) -> dict[str, Any]:
+    return {} if server == "mongodb" else dict(MONGOMOCK_OPTIONS)
 
 
 @pytest.fixture(params=SERVERS)
@@ -74,7 +82,7 @@ def open_mongo(server: str) -> Iterator[Any]:
     opened: list[MongoStore] = []
 
     def _open(**options: Any) -> MongoStore:
-        store = open_store(url_for(server), prefix=prefix, **options)
+        store = open_store(url_for(server), prefix=prefix, **options_for(server), **options)
         assert isinstance(store, MongoStore)
         store.setup()
         opened.append(store)
@@ -129,7 +137,7 @@ def test_indexes(open_mongo: Any) -> None:
 
 def test_prefix_names_the_collections_and_isolates(open_mongo: Any, server: str) -> None:
     a = open_mongo()
-    b = open_store(url_for(server), prefix=f"other{uuid.uuid4().hex[:8]}_")
+    b = open_store(url_for(server), prefix=f"other{uuid.uuid4().hex[:8]}_", **options_for(server))
     try:
         a.put(record(kh("iso")))
         assert b.get(kh("iso")) is None
@@ -214,10 +222,7 @@ def test_blob_over_the_16mb_document_limit(open_mongo: Any) -> None:
 # -- driver and errors ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("url", "hidden", "extra"),
-    [("mongodb://127.0.0.1/x", "pymongo", "mongodb"), ("mongomock://x", "mongomock", "test")],
-)
+@pytest.mark.parametrize(("url", "hidden", "extra"), [("mongodb://127.0.0.1/x", "pymongo", "mongodb")])
 def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch, url: str, hidden: str, extra: str) -> None:
     monkeypatch.setitem(sys.modules, hidden, None)
     with pytest.raises(ConfigurationError) as info:
@@ -253,6 +258,30 @@ def test_url_options_win_and_password_is_masked() -> None:
 
 def test_bad_options_are_configuration_errors() -> None:
     with pytest.raises(ConfigurationError):
-        open_store("mongomock://x", chunk_size=0)
+        open_store(MONGOMOCK_URL, chunk_size=0, **mongomock_store_options())
     with pytest.raises(ConfigurationError):
-        open_store("mongomock://x", prefix="a$b")
+        open_store(MONGOMOCK_URL, prefix="a$b", **mongomock_store_options())
+    with pytest.raises(ConfigurationError, match="client_options"):
+        open_store(MONGOMOCK_URL, client_options={"appname": "x"}, **mongomock_store_options())
+
+
+class ClosingSpy(LockedMongomock):
+    closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_a_given_client_stays_the_callers() -> None:
+    """The store uses a given client as it is, and never closes it."""
+    client = ClosingSpy()
+    store = open_store(MONGOMOCK_URL, prefix=f"t{uuid.uuid4().hex[:12]}_", client=client, bulk=False)
+    assert isinstance(store, MongoStore) and store._database == "celery_persist_test"
+    try:
+        store.put(record(kh("given")))
+        assert store.get(kh("given")) == record(kh("given"))
+        assert store.health()["ok"] is True
+    finally:
+        store.drop()
+        store.close()
+    assert client.closed == 0

@@ -32,7 +32,8 @@ from celery_persist.stores.base import Kind, Status, StoredRecord
 
 redis = pytest.importorskip("redis")
 
-from celery_persist.stores.redis import RedisStore, _SplitPacker  # noqa: E402
+from celery_persist.stores.redis import RedisStore  # noqa: E402
+from celery_persist.stores.redis_conn import _SplitPacker  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,8 @@ from sqlalchemy.dialects import mysql, postgresql
 
 from celery_persist.errors import ConfigurationError
 from celery_persist.stores import Kind, Status, StoredRecord, open_store
-from celery_persist.stores.sql import MIGRATIONS, SQLStore
+from celery_persist.stores.sql import SQLStore
+from celery_persist.stores.sql_migrations import MIGRATIONS
 from tests.integration.backends import Backend, all_backends
 
 pytestmark = pytest.mark.integration

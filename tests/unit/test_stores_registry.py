@@ -12,8 +12,8 @@ import pytest
 import celery_persist.stores as stores
 from celery_persist.errors import ConfigurationError
 from celery_persist.stores import ENTRY_POINT_GROUP, STORES, open_store, store_class
-from celery_persist.stores._drivers import mask_url, require
 from celery_persist.stores.base import Kind, Status, StoredRecord
+from celery_persist.stores.drivers import mask_url, require
 from celery_persist.stores.memory import MemoryStore
 
 
