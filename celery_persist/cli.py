@@ -28,6 +28,8 @@ from typing import Any
 import click
 
 from . import flow, journal
+from .config import embedded_keyring
+from .crypto import Keyring, new_key_line
 from .errors import (
     AlreadyResumed,
     ConfigurationError,
@@ -245,10 +247,17 @@ def stats_cmd(ops: _Ops, as_json: bool) -> None:
 
 @click.command("rotate-keys")
 @click.option("--batch", type=int, default=200, show_default=True)
+@click.option(
+    "--adopt-unsealed",
+    is_flag=True,
+    help="First seal records written by celery-persist 0.1 (no record seal yet); run once, right after upgrading.",
+)
 @click.pass_obj
-def rotate_keys_cmd(ops: _Ops, batch: int) -> None:
-    """Re-encrypt every record under the active key (resumable, safe while workers run)."""
+def rotate_keys_cmd(ops: _Ops, batch: int, adopt_unsealed: bool) -> None:
+    """Re-encrypt and re-seal every record under the active key (resumable, safe while workers run)."""
     with _errors():
+        if adopt_unsealed:
+            click.echo(f"adopted={ops.hub.adopt_unsealed(batch=batch)}")
         total = sum(ops.hub.stats()["suspensions"].values()) + ops.hub.stats()["checkpoints"]
         with click.progressbar(length=total, label="re-encrypting", file=sys.stderr) as bar:
             counts = ops.hub.rotate_keys(batch=batch, on_record=lambda _: bar.update(1))
@@ -258,7 +267,23 @@ def rotate_keys_cmd(ops: _Ops, batch: int) -> None:
         sys.exit(1)
 
 
-_SHARED: tuple[click.Command, ...] = (list_cmd, show_cmd, cancel_cmd, cleanup_cmd, stats_cmd, rotate_keys_cmd)
+@click.command("migrate")
+@click.option("--rename", "renames", multiple=True, required=True, metavar="OLD=NEW", help="A task rename, repeatable.")
+@click.pass_obj
+def migrate_cmd(ops: _Ops, renames: tuple[str, ...]) -> None:
+    """Rename tasks in every parked flow's continuation (after a deploy renamed them)."""
+    aliases: dict[str, str] = {}
+    for item in renames:
+        old, sep, new = item.partition("=")
+        if not sep or not old or not new:
+            raise click.BadParameter(f"{item!r} is not OLD=NEW", param_hint="--rename")
+        aliases[old] = new
+    with _errors():
+        changed = ops.hub.rewrite_states(lambda state: flow.rename_tasks(state, aliases))
+    click.echo(f"migrated={changed}")
+
+
+_SHARED: tuple[click.Command, ...] = (list_cmd, show_cmd, cancel_cmd, cleanup_cmd, stats_cmd, rotate_keys_cmd, migrate_cmd)
 
 
 # -- `celery persist` ----------------------------------------------------------------------------------
@@ -326,7 +351,8 @@ class _StoreOps(_Ops):
             with _errors():
                 store = open_store(self._url, **self._options)
                 store.setup()
-                self._hub = PersistenceHub(store)
+                # A SQLite store's own key file serves when no key is configured.
+                self._hub = PersistenceHub(store, keyring=Keyring.from_env() or embedded_keyring(self._url, create=False))
         return self._hub
 
     def close(self) -> None:
@@ -354,6 +380,18 @@ def main(ctx: click.Context, store_url: str | None, store_option: tuple[str, ...
 
 for _cmd in _SHARED:
     main.add_command(_cmd)
+
+
+@main.command("keygen")
+@click.option("--id", "kid", metavar="KID", help="Key id (default: k<UTC date>, so newer keys sort later).")
+def keygen_cmd(kid: str | None) -> None:
+    """Print a new AES-256 key as a ready-to-use `export CELERY_PERSIST_KEYS=...` line.
+
+    To rotate, put the new key first and keep the old ones after it
+    (CELERY_PERSIST_KEYS=new,old), then run `rotate-keys`.
+    """
+    with _errors():
+        click.echo(f"export CELERY_PERSIST_KEYS={new_key_line(kid)}")
 
 
 @main.command("demo")

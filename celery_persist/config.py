@@ -12,16 +12,19 @@ unless set explicitly, and are read only when the config is built.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
-from .crypto import ENCRYPTION_MODES, secrets_from_env
+from .crypto import ENCRYPTION_MODES, Keyring, local_keyring, secrets_from_env
 from .errors import ConfigurationError
 from .serializer import DEFAULT_MAX_STATE_SIZE
 from .stores import mask_url
+from .stores.drivers import mask_options
 
-__all__ = ["Setting", "SETTINGS", "PersistConfig", "DEFAULT_STORE_URL"]
+__all__ = ["Setting", "SETTINGS", "PersistConfig", "DEFAULT_STORE_URL", "embedded_key_file", "embedded_keyring"]
 
 DEFAULT_STORE_URL = "sqlite:///celery-persist.db"
 
@@ -57,6 +60,14 @@ def _mapping(v: Any) -> dict[str, Any]:
         return {}
     if not isinstance(v, Mapping):
         raise ConfigurationError("persist_store_options must be a mapping")
+    return dict(v)
+
+
+def _aliases(v: Any) -> dict[str, str]:
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping) or not all(isinstance(k, str) and isinstance(n, str) and k and n for k, n in v.items()):
+        raise ConfigurationError("must map old task names to new task names (strings)")
     return dict(v)
 
 
@@ -112,20 +123,33 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "persist_encryption",
-        "auto",
+        "required",
         _choice(*ENCRYPTION_MODES),
-        "`auto`: encrypt when keys exist (else warn once); `required`: refuse to start without a key; `off`.",
+        "`required`: refuse to start without a key (a SQLite store makes its own key file); "
+        "`auto`: encrypt when keys exist, else warn once; `off`: development only.",
     ),
     Setting("persist_keys", None, _opt_str, "`'kid:base64key,...'` (first is active); default: `CELERY_PERSIST_KEYS`."),
     Setting("persist_signing_secret", None, _opt_str, "HMAC secret for keys; default: `CELERY_PERSIST_SIGNING_SECRET`."),
     Setting("persist_default_timeout", None, _opt_float, "`await_input` timeout in seconds when none is given (None: never)."),
     Setting("persist_checkpoint_ttl", 7 * 86400, _opt_float, "Seconds a checkpoint outlives its last write (kept after failure)."),
     Setting("persist_lease", 60, _float, "Seconds a resume claim holds before cleanup may re-open it."),
+    Setting(
+        "persist_store_retry",
+        60,
+        _float,
+        "Seconds a park, a checkpoint or a resume's completion keeps retrying while the store is unavailable.",
+    ),
     Setting("persist_retention", 7 * 86400, _float, "Seconds finished suspensions stay, so late callers get `AlreadyResumed`."),
     Setting("persist_cleanup_interval", 300, _opt_float, "Beat runs `celery_persist.cleanup` this often (None/0: no entry)."),
     Setting("persist_key_in_result", True, _bool, "Put the suspension key in the result backend's info dict."),
     Setting("persist_send_events", True, _bool, "Send `task-suspended` / `task-resumed` events (Flower shows SUSPENDED)."),
     Setting("persist_metrics", False, _bool, "Count suspends, resumes and expiries in Prometheus metrics (extra `metrics`)."),
+    Setting(
+        "persist_task_aliases",
+        None,
+        _aliases,
+        "`{'old.name': 'new.name'}`: task renames applied to a parked flow's continuation when it is sent.",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -157,11 +181,13 @@ class PersistConfig:
     default_timeout: float | None = _default("default_timeout")
     checkpoint_ttl: float | None = _default("checkpoint_ttl")
     lease: float = _default("lease")
+    store_retry: float = _default("store_retry")
     retention: float = _default("retention")
     cleanup_interval: float | None = _default("cleanup_interval")
     key_in_result: bool = _default("key_in_result")
     send_events: bool = _default("send_events")
     metrics: bool = _default("metrics")
+    task_aliases: Mapping[str, str] = field(default_factory=lambda: _default("task_aliases"))
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -189,7 +215,7 @@ class PersistConfig:
                 raise ConfigurationError(f"{full}: {exc}") from None
         env = secrets_from_env()
         if kwargs["keys"] is None:
-            kwargs["keys"] = env.keys
+            kwargs["keys"] = env.keys or (f"default:{env.key}" if env.key else None)
         if kwargs["signing_secret"] is None:
             kwargs["signing_secret"] = env.signing_secret
         return cls(**kwargs)
@@ -198,10 +224,57 @@ class PersistConfig:
     def from_app(cls, app: Any, **overrides: Any) -> PersistConfig:
         return cls.from_mapping(app.conf, **overrides)
 
+    def keyring(self) -> Keyring | None:
+        """The keys states are encrypted with: configured ones, else the embedded SQLite store's own.
+
+        Returns None with ``encryption="off"``, or when no key exists for a
+        server store (the hub then refuses to start unless encryption is ``auto``).
+        """
+        if self.encryption == "off":
+            return None
+        if self.keys:
+            return Keyring.parse(self.keys)
+        return embedded_keyring(self.store_url, create=True)
+
+    def __repr__(self) -> str:
+        # The dataclass repr, but with the store URL masked: it may hold a password.
+        shown = {"store_url": mask_url(self.store_url), "store_options": mask_options(self.store_options)}
+        items = ((f.name, shown.get(f.name, getattr(self, f.name))) for f in fields(self) if f.repr)
+        return f"{type(self).__name__}({', '.join(f'{name}={value!r}' for name, value in items)})"
+
     def describe(self) -> dict[str, Any]:
         """Settings safe to show (no secrets, masked URL)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("keys", "signing_secret")}
         out["store_url"] = mask_url(self.store_url)
+        out["store_options"] = mask_options(self.store_options)
         out["keys"] = "set" if self.keys else None
         out["signing_secret"] = "set" if self.signing_secret else None
         return out
+
+
+def embedded_key_file(store_url: str) -> str | None:
+    """Where the embedded SQLite store keeps its own key: ``<database>.key``.
+
+    None for any other store, and for an in-memory SQLite database.
+    """
+    if not store_url.startswith("sqlite:///"):
+        return None
+    database = store_url.removeprefix("sqlite:///").partition("?")[0]
+    if not database or database == ":memory:":
+        return None
+    return database + ".key"
+
+
+def embedded_keyring(store_url: str, *, create: bool) -> Keyring | None:
+    """The embedded store's own keyring, or None for a server store.
+
+    A SQLite database keeps its key in :func:`embedded_key_file` (made, mode
+    0600, when ``create``). An in-process store (``memory://``, in-memory
+    SQLite) gets a random key that lives as long as its data.
+    """
+    if store_url.startswith("memory:") or store_url in ("sqlite://", "sqlite:///:memory:"):
+        return Keyring([("ephemeral", os.urandom(32))])
+    path = embedded_key_file(store_url)
+    if path is None or not (create or Path(path).exists()):
+        return None
+    return local_keyring(path)

@@ -27,9 +27,13 @@ import hashlib
 import hmac
 import os
 import struct
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import ConfigurationError, EncryptionError
 
@@ -43,6 +47,9 @@ __all__ = [
     "EnvSecrets",
     "secrets_from_env",
     "choose_sealer",
+    "derive",
+    "new_key_line",
+    "local_keyring",
 ]
 
 KEY_MAGIC = b"\xa7K1"
@@ -64,6 +71,17 @@ class Sealer(Protocol):
     def seal(self, plaintext: bytes, associated_data: bytes) -> bytes: ...
 
     def open(self, blob: bytes, associated_data: bytes) -> bytes: ...
+
+
+def derive(secret: str | bytes, purpose: bytes) -> bytes:
+    """A 32-byte secret for one ``purpose``, derived from ``secret`` with HKDF-SHA256.
+
+    One configured key serves several ends (encrypting blobs, tagging
+    suspension keys, seeding derived keys, authenticating record fields) and
+    no two of them ever use the same bytes.
+    """
+    raw = secret.encode("utf-8") if isinstance(secret, str) else secret
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"celery-persist/" + purpose).derive(raw)
 
 
 def _decode_key(kid: str, text: str) -> bytes:
@@ -99,6 +117,7 @@ class Keyring:
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         self._ciphers: dict[bytes, AESGCM] = {}
+        self._roots: list[bytes] = []
         order: list[bytes] = []
         for kid, key in keys:
             # utf-8, not ascii: a non-ASCII id must fail the charset check below, not raise UnicodeEncodeError.
@@ -110,6 +129,7 @@ class Keyring:
             if bkid in self._ciphers:
                 raise ConfigurationError(f"key id {kid!r} appears twice in the keyring")
             self._ciphers[bkid] = AESGCM(key)
+            self._roots.append(bytes(key))
             order.append(bkid)
         if not order:
             raise ConfigurationError("a keyring needs at least one key")
@@ -149,6 +169,10 @@ class Keyring:
                 raise ConfigurationError("CELERY_PERSIST_KEYS entries must look like 'kid:base64key'")
             pairs.append((kid.strip(), _decode_key(kid.strip(), text)))
         return cls(pairs)
+
+    def derive(self, purpose: bytes) -> tuple[bytes, ...]:
+        """A secret for ``purpose`` per key, active key first (see :func:`derive`)."""
+        return tuple(derive(root, purpose) for root in self._roots)
 
     @property
     def active_id(self) -> str:
@@ -314,6 +338,54 @@ def choose_sealer(
     elif keyring is None:
         keyring = Keyring.from_env(environ)
     if encryption == "required" and keyring is None:
-        raise ConfigurationError("persist_encryption is 'required' but no key is configured: set CELERY_PERSIST_KEYS or CELERY_PERSIST_KEY")
+        raise ConfigurationError(
+            "no encryption key is configured, and states are stored encrypted by default: "
+            "run `celery-persist keygen` and export the CELERY_PERSIST_KEYS line it prints "
+            "(or set persist_encryption='off' for development only)"
+        )
     signer = Signer(signing_secret) if signing_secret else None  # also checks the secret's length
     return keyring or signer
+
+
+def new_key_line(kid: str | None = None) -> str:
+    """A fresh AES-256 key as the ``CELERY_PERSIST_KEYS`` value ``kid:base64key``.
+
+    The default key id is the UTC date (``k20261128``), so a rotation prepends
+    a key with a newer id.
+    """
+    kid = kid or "k" + time.strftime("%Y%m%d", time.gmtime())
+    Keyring([(kid, b"\0" * 32)])  # checks the id
+    return f"{kid}:{base64.b64encode(os.urandom(32)).decode('ascii')}"
+
+
+def local_keyring(path: str | os.PathLike[str]) -> Keyring:
+    """The keyring kept in the key file ``path``, made (mode 0600, key id ``local``) if missing.
+
+    For the embedded SQLite store, whose states are then encrypted with no
+    setting at all. The file holds one ``CELERY_PERSIST_KEYS`` line; whoever can
+    read it can read the states, exactly as for the database beside it.
+    Several processes may race to make it: the key is written to a private
+    temporary file and linked into place, so every process reads one whole key.
+    """
+    target = os.fspath(path)
+    if not os.path.exists(target):
+        directory = os.path.dirname(os.path.abspath(target))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        tmp = f"{target}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(new_key_line("local") + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                pass  # another process made it first; use theirs
+        finally:
+            os.unlink(tmp)
+    flags = os.O_RDONLY | os.O_NOFOLLOW
+    with os.fdopen(os.open(target, flags), encoding="ascii") as fh:
+        if os.fstat(fh.fileno()).st_mode & 0o077:
+            raise ConfigurationError(f"the key file {target} can be read by others; chmod 600 it")
+        return Keyring.parse(fh.read().strip())

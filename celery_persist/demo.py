@@ -14,7 +14,6 @@ its top.
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import subprocess
@@ -38,21 +37,12 @@ def directory() -> Path:
     return Path(os.environ.get(DIR_ENV, ".celery-persist-demo")).resolve()
 
 
-def _demo_keys(base: Path) -> str:
-    """The demo's own AES key, made once and kept (mode 0600) beside its data."""
-    path = base / "demo.key"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(base64.b64encode(os.urandom(32)).decode("ascii"))
-    return f"demo:{path.read_text().strip()}"
-
-
 def make_app(base: Path) -> Celery:
     """The demo app (its tasks and ``Persist(app)`` included), keeping every file under ``base``."""
     queue = base / "queue"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
     for sub in ("queue", "processed", "results", "control"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
+        (base / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
     demo = Celery("celery_persist_demo")
     demo.conf.update(
         broker_url="filesystem://",
@@ -71,8 +61,7 @@ def make_app(base: Path) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         persist_store_url=f"sqlite:///{base / 'persist.db'}",
-        persist_keys=_demo_keys(base),
-        persist_encryption="required",
+        # No key setting: the SQLite store makes its own key file (0600) beside the database.
         # Nothing watches events on the embedded broker; don't fill its folders with them.
         persist_send_events=False,
         persist_cleanup_interval=None,
@@ -152,7 +141,8 @@ def run(base: Path) -> str:
     persist = Persist.of(app)
     started = time.monotonic()
     _say(f"working directory: {base} (store: sqlite, broker: filesystem, results: files)")
-    _say(f"states are encrypted with AES-256-GCM (key id {persist.hub.keyring.active_id if persist.hub.keyring else '-'})")
+    keyring = persist.hub.keyring
+    _say(f"states are encrypted with AES-256-GCM (key id {keyring.active_id if keyring else '-'}, kept in persist.db.key, mode 0600)")
     worker = _start_worker(base)
     try:
         _wait_ready(worker, base)
@@ -167,7 +157,7 @@ def run(base: Path) -> str:
         parked = persist.load(key)
         _say(f"flow parked: step {parked.metadata['task']} is {result.parent.state}, suspension {parked.fingerprint}")
         _say(f"prompt: {parked.metadata['prompt']!r}; expires {parked.expires_at:%Y-%m-%d %H:%M:%S} UTC")
-        _say(f"resume key (hand it to the approver): {key}")
+        _say("the resume key went to the approver only; logs and this screen show its fingerprint")
     finally:
         _stop_worker(worker)
     _say("worker stopped; the broker holds nothing for this flow:")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -42,10 +43,11 @@ from celery.app.task import Context
 from celery.exceptions import Ignore
 
 from . import journal
-from .errors import AwaitTimeout, ConfigurationError, SuspensionNotFound
-from .hub import Suspension
-from .keys import fingerprint
+from .errors import AlreadyResumed, AwaitTimeout, ConfigurationError, SuspensionCancelled, SuspensionExpired, SuspensionNotFound
+from .hub import PersistenceHub, Suspension
+from .keys import fingerprint, key_hash, masked_key, now_ms
 from .registry import Binding
+from .retry import with_store_retry
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -158,8 +160,9 @@ def park(
     """Persist ``state`` as the suspension of the running task, publish SUSPENDED, stop.
 
     Idempotent per (task id, journal name): a redelivered message finds the
-    suspension it already wrote (its key is kept, encrypted, in a checkpoint
-    record named ``journal_name``) instead of parking twice.
+    suspension it already wrote (through the park journal ``journal_name``,
+    which holds the key's hash, never the key) and announces it again instead
+    of parking twice.
 
     Raises:
         celery.exceptions.Ignore: Always, once parked: the task ends without a
@@ -171,42 +174,25 @@ def park(
         raise ConfigurationError("await_input parks a flow on a worker; it cannot run eagerly or be called directly")
     if on_timeout not in ON_TIMEOUT:
         raise ConfigurationError(f"on_timeout must be one of {ON_TIMEOUT}, not {on_timeout!r}")
+    if request.group or getattr(request, "chord", None):
+        # Parked members never report to the group or chord, so its body would wait forever.
+        # Failing here fails the group (and runs the chord's errbacks) instead of hanging.
+        raise ConfigurationError(
+            f"{request.task} cannot park inside a group or a chord header yet (parallel waits are not "
+            "supported in this release); park before or after the group, or in the chord body"
+        )
     if timeout is None:
         timeout = binding.config.default_timeout
-    key: str | None = hub.load_checkpoint(journal_name)
-    expires_at: str | None = None
-    if key is not None:
-        # A redelivered message: this step already parked once. Reuse that suspension,
-        # or, if it was already resumed/cancelled/expired, do nothing more.
-        try:
-            existing = hub.load(key)
-        except SuspensionNotFound:
-            key = None
-        else:
-            if existing.status != "suspended":
-                logger.info("celery-persist: task %s was already parked and handled; ignoring redelivery", request.id)
-                raise Ignore()
-            expires_at = existing.expires_at.isoformat() if existing.expires_at else None
-    if key is None:
-        chain_ids, chain_tasks = _chain_summary(request)
-        metadata = {
-            "task_id": request.id,
-            "task": request.task,
-            "kind": state["kind"],
-            "prompt": prompt,
-            "root_id": request.root_id or request.id,
-            "chain_ids": chain_ids,
-            "chain_tasks": chain_tasks,
-            "on_timeout": on_timeout,
-        }
-        ttl = timeout or None
-        key = hub.suspend(dict(state), ttl=ttl, metadata=metadata)
-        if ttl:
-            expires_at = datetime.fromtimestamp(time.time() + ttl, tz=timezone.utc).isoformat()
-        hub.save_checkpoint(journal_name, key, ttl=(ttl + binding.config.retention) if ttl else binding.config.checkpoint_ttl)
+    ttl = timeout or None
+    key, expires_at = with_store_retry(
+        lambda: _store_park(hub, binding, request, state, prompt=prompt, ttl=ttl, on_timeout=on_timeout, journal_name=journal_name),
+        binding.config.store_retry,
+        what=f"the park of task {request.id}",
+    )
     fp = fingerprint(key)
     info = {
-        "suspension_key": key if binding.config.key_in_result else None,
+        # Wrapped: what the result backend (and Flower) hold resumes nothing without the keys.
+        "suspension_key": hub.wrap_key(key) if binding.config.key_in_result else None,
         "fingerprint": fp,
         "prompt": prompt,
         "expires_at": expires_at,
@@ -218,9 +204,86 @@ def park(
         except Exception:  # noqa: BLE001 - monitoring must not lose the flow
             logger.warning("celery-persist: could not send task-suspended", exc_info=True)
     if notify:
-        signature(notify, app=task.app).apply_async((key, {**info, "suspension_key": key}))
+        # The notify task needs the key itself; events, Flower and worker logs show the
+        # masked argsrepr instead, and no result is stored (result_extended would store the args).
+        masked = {**info, "suspension_key": masked_key(fp)}
+        signature(notify, app=task.app).apply_async(
+            (key, {**info, "suspension_key": key}), argsrepr=repr((masked_key(fp), masked)), ignore_result=True
+        )
     logger.info("celery-persist: task %s parked as suspension %s", request.id, fp)
     raise Ignore()
+
+
+def _store_park(
+    hub: PersistenceHub,
+    binding: Binding,
+    request: Any,
+    state: FlowState,
+    *,
+    prompt: str | None,
+    ttl: float | None,
+    on_timeout: str,
+    journal_name: str,
+) -> tuple[str, str | None]:
+    """Write the suspension (or find the one this step wrote before): its key and expiry.
+
+    Safe to repeat after any failure: the key is derived from the step, and a
+    second attempt finds the first one's journal and suspension.
+    """
+    journal_ttl = (ttl + binding.config.retention) if ttl else binding.config.checkpoint_ttl
+    key, expires_at = _parked_before(hub, journal_name, journal_ttl, request.id)
+    if key is not None:
+        return key, expires_at
+    # Derive the key from the step's identity: a redelivery of this message can then
+    # announce the same key again, though neither the key nor a way to read it is stored.
+    ms = now_ms()
+    key = hub.new_key(journal_name.encode("utf-8"), ms)
+    hub.save_checkpoint(journal_name, {"hash": key_hash(key), "ms": ms}, ttl=journal_ttl)
+    chain_ids, chain_tasks = _chain_summary(request)
+    metadata = {
+        "task_id": request.id,
+        "task": request.task,
+        "kind": state["kind"],
+        "prompt": prompt,
+        "root_id": request.root_id or request.id,
+        "chain_ids": chain_ids,
+        "chain_tasks": chain_tasks,
+        "on_timeout": on_timeout,
+    }
+    hub.suspend(dict(state), ttl=ttl, metadata=metadata, key=key)
+    return key, datetime.fromtimestamp(time.time() + ttl, tz=timezone.utc).isoformat() if ttl else None
+
+
+def _parked_before(hub: PersistenceHub, journal_name: str, journal_ttl: float | None, task_id: str) -> tuple[str | None, str | None]:
+    """For a redelivered park: the key to announce again and its expiry, or (None, None) to park anew.
+
+    The park journal holds the suspension's key hash and the time its key was
+    derived at, never the key: the key is derived again, or, where no secret
+    exists to derive it (encryption off, no signing secret) or the secret
+    changed, the suspension is moved to a new key (:meth:`PersistenceHub.reissue`).
+
+    Raises:
+        celery.exceptions.Ignore: The step was parked and already resumed, cancelled or expired.
+    """
+    entry = hub.load_checkpoint(journal_name)
+    if not isinstance(entry, dict) or not isinstance(entry.get("hash"), str):
+        return None, None
+    parked = hub.peek(entry["hash"])
+    if parked is None:
+        return None, None
+    if parked.status != "suspended":
+        logger.info("celery-persist: task %s was already parked and handled; ignoring redelivery", task_id)
+        raise Ignore()
+    ms = entry.get("ms")
+    key = hub.derived_key(journal_name.encode("utf-8"), ms) if isinstance(ms, int) else None
+    if key is None or key_hash(key) != entry["hash"]:
+        try:
+            key = hub.reissue(entry["hash"])
+        except (AlreadyResumed, SuspensionCancelled, SuspensionExpired, SuspensionNotFound):
+            logger.info("celery-persist: task %s was already parked and handled; ignoring redelivery", task_id)
+            raise Ignore() from None
+        hub.save_checkpoint(journal_name, {"hash": key_hash(key), "ms": None}, ttl=journal_ttl)
+    return key, parked.expires_at.isoformat() if parked.expires_at else None
 
 
 def _chain_summary(request: Any) -> tuple[list[str], list[str]]:
@@ -270,7 +333,11 @@ def _send_events(binding: Binding, task_id: str, hostname: str | None, events: l
         logger.warning("celery-persist: could not send task events", exc_info=True)
 
 
-def _dispatch(app: Celery, value: Any, state: FlowState) -> AsyncResult | None:
+#: Message header that tags a continuation with its dispatch (see PersistenceHub.take_delivery).
+DELIVERY_HEADER = "persist_delivery"
+
+
+def _dispatch(app: Celery, value: Any, state: FlowState, delivery: str | None) -> AsyncResult | None:
     """Send callbacks and the next chain step with ``value``, as Celery's tracer does on success."""
     parent_id, root_id, priority = state["task_id"], state.get("root_id"), state.get("priority")
     callbacks = state.get("callbacks") or []
@@ -283,21 +350,65 @@ def _dispatch(app: Celery, value: Any, state: FlowState) -> AsyncResult | None:
     chain = list(state.get("chain") or [])
     if chain:
         nxt = signature(chain[-1], app=app)
-        result: AsyncResult = nxt.apply_async((value,), chain=chain[:-1] or None, parent_id=parent_id, root_id=root_id, priority=priority)
+        result: AsyncResult = nxt.apply_async(
+            (value,),
+            chain=chain[:-1] or None,
+            parent_id=parent_id,
+            root_id=root_id,
+            priority=priority,
+            headers={DELIVERY_HEADER: delivery} if delivery else None,
+        )
         return result
     return None
 
 
-def continue_flow(binding: Binding, suspension: Suspension, value: Any) -> AsyncResult:
-    """Send on the flow parked in ``suspension`` with ``value`` as the resume input."""
+def rename_tasks(state: Any, aliases: Mapping[str, str]) -> tuple[Any, int]:
+    """``state`` with every task name in ``aliases`` replaced (chain, callbacks, errbacks, nested
+    links, the re-run task); returns the new state and how many names changed."""
+    if not aliases or not isinstance(state, dict):
+        return state, 0
+    changed = 0
+
+    def sig(d: Any) -> Any:
+        nonlocal changed
+        if not isinstance(d, dict):
+            return d
+        out = dict(d)
+        if isinstance(out.get("task"), str) and out["task"] in aliases:
+            out["task"] = aliases[out["task"]]
+            changed += 1
+        options = out.get("options")
+        if isinstance(options, dict):
+            out["options"] = {k: (sigs(v) if k in ("link", "link_error") else v) for k, v in options.items()}
+        return out
+
+    def sigs(items: Any) -> Any:
+        return [sig(i) for i in items] if isinstance(items, list) else items
+
+    new = {**state, "chain": sigs(state.get("chain")), "callbacks": sigs(state.get("callbacks")), "errbacks": sigs(state.get("errbacks"))}
+    if state.get("kind") == "task" and state.get("task_name") in aliases:
+        new["task_name"] = aliases[state["task_name"]]
+        changed += 1
+    return new, changed
+
+
+def continue_flow(binding: Binding, suspension: Suspension, value: Any, *, delivery: str | None = None) -> AsyncResult:
+    """Send on the flow parked in ``suspension`` with ``value`` as the resume input.
+
+    ``delivery`` (from :meth:`~celery_persist.hub.PersistenceHub.record_dispatch`) rides
+    in the continuation message's headers, so a worker runs one copy of it only.
+    Task renames in ``persist_task_aliases`` are applied first: flows parked before
+    a deploy that renamed a task continue under the new name.
+    """
     app = binding.app
-    state: FlowState = suspension.state
+    state: FlowState
+    state, _ = rename_tasks(suspension.state, binding.config.task_aliases)
     task_id = state["task_id"]
     if state.get("kind") == "task":
-        result = _rerun_task(binding, state, value, suspension.fingerprint)
+        result = _rerun_task(binding, state, value, suspension.fingerprint, delivery)
     else:
         passed = {"previous": state.get("previous"), "input": value} if state.get("include_previous") else value
-        nxt = _dispatch(app, passed, state)
+        nxt = _dispatch(app, passed, state, delivery)
         app.backend.mark_as_done(task_id, passed, request=request_context(app, state, with_chain=False))
         _send_events(
             binding,
@@ -313,7 +424,7 @@ def continue_flow(binding: Binding, suspension: Suspension, value: Any) -> Async
     return result
 
 
-def _rerun_task(binding: Binding, state: FlowState, value: Any, fp: str) -> AsyncResult:
+def _rerun_task(binding: Binding, state: FlowState, value: Any, fp: str, delivery: str | None) -> AsyncResult:
     app = binding.app
     task_id = state["task_id"]
     journal.record_input(binding, task_id, state.get("call_index", 0), value)
@@ -335,6 +446,8 @@ def _rerun_task(binding: Binding, state: FlowState, value: Any, fp: str) -> Asyn
     if state.get("errbacks"):
         options["link_error"] = state["errbacks"]
     _send_event(binding, "task-resumed", task_id, suspension=fp, prompt=state.get("prompt"))
+    if delivery:
+        options["headers"] = {DELIVERY_HEADER: delivery}
     result: AsyncResult = sig.apply_async(**options)
     return result
 
@@ -358,12 +471,19 @@ def expire_flow(binding: Binding, suspension: Suspension) -> None:
 
 
 def revoke_flow(binding: Binding, suspension: Suspension) -> None:
-    """Mark a cancelled flow's parked task and the chain after it REVOKED."""
-    task_id = suspension.metadata.get("task_id")
-    if not task_id:
-        return
+    """Mark a cancelled flow's parked task and the chain after it REVOKED.
+
+    The task ids come from the suspension's authenticated state, never from its
+    clear metadata: a store writer must not be able to make ``cancel`` revoke
+    another task.
+    """
+    state = suspension.state
+    if not isinstance(state, dict) or not state.get("task_id"):
+        return  # a plain hub suspension, not a Celery flow
     app = binding.app
-    ids = [task_id, *suspension.metadata.get("chain_ids", [])]
+    task_id = str(state["task_id"])
+    chain = state.get("chain") or []
+    ids = [task_id, *(str(s["options"]["task_id"]) for s in reversed(chain) if (s.get("options") or {}).get("task_id"))]
     for tid in ids:
         app.backend.mark_as_revoked(tid, reason="celery-persist: suspension cancelled")
     try:
@@ -376,11 +496,33 @@ def revoke_flow(binding: Binding, suspension: Suspension) -> None:
 def resume(binding: Binding, key: str, input: Any) -> AsyncResult:
     """Claim ``key`` in this process and send its flow on with ``input``.
 
-    The claim is completed once the continuation is sent, and released (the
-    suspension is resumable again) if sending raises.
+    The claim is completed once the continuation is sent (retrying through a
+    brief store outage), and released (the suspension is resumable again) if
+    sending raises.
     """
-    with binding.ready().claiming(key, input) as suspension:
-        return continue_flow(binding, suspension, input)
+    hub = binding.ready()
+    suspension = hub.claim(key, input)
+    token = suspension.claim_token
+    assert token is not None  # a claim always has one
+    try:
+        # Recorded before anything is sent: from here on the claim is finished, never re-opened.
+        delivery = hub.record_dispatch(key, input)
+    except BaseException:
+        hub.release(key, token=token)
+        raise
+    result = continue_flow(binding, suspension, input, delivery=delivery)
+    try:
+        with_store_retry(lambda: hub.complete(key, token=token), binding.config.store_retry, what="completing a resume")
+    except AlreadyResumed:
+        # The lease lapsed while this resumer was slow and cleanup finished the dispatch:
+        # the flow goes on (a worker runs one copy of the continuation).
+        logger.info("celery-persist: suspension %s was completed by cleanup meanwhile", suspension.fingerprint)
+    return result
+
+
+def finish_dispatch(binding: Binding, suspension: Suspension, input: Any, delivery: str) -> None:
+    """Send again the continuation whose resumer died after recording it (cleanup calls this)."""
+    continue_flow(binding, suspension, input, delivery=delivery)
 
 
 def cancel(binding: Binding, key: str) -> Suspension:
@@ -391,5 +533,9 @@ def cancel(binding: Binding, key: str) -> Suspension:
 
 
 def cleanup(binding: Binding, now: float | None = None) -> int:
-    """Apply timeouts, re-open lapsed leases, prune expired records; returns the number pruned."""
-    return binding.ready().cleanup(now, on_expired=lambda s: expire_flow(binding, s))
+    """Apply timeouts, finish or re-open lapsed leases, prune expired records; returns the number handled."""
+    return binding.ready().cleanup(
+        now,
+        on_expired=lambda s: expire_flow(binding, s),
+        on_unfinished=lambda s, value, delivery: finish_dispatch(binding, s, value, delivery),
+    )

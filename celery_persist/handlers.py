@@ -7,6 +7,19 @@
 * ``task_postrun``: on SUCCESS delete the journal (the work is done); otherwise
   stamp the outcome and end time on it, and keep it until its ttl.
 * ``task_revoked``: stamp the outcome.
+* ``task_received`` (in the worker's main process, before a task reaches the
+  pool): a continuation tagged with a delivery (``persist_delivery`` header)
+  runs only if it is the first copy to arrive; a second copy, sent again by
+  cleanup after its resumer died, is acknowledged and dropped without running.
+* ``task_unknown``: a continuation naming a task this worker does not know
+  (a deploy renamed it while the flow was parked) is not lost: its suspension
+  goes back to ``suspended`` with an audit record naming the task, so the same
+  key resumes it once the code or ``persist_task_aliases`` is fixed; and the
+  worker's log line for it does not print the message body (the resume input).
+* ``after_setup_logger`` / ``after_setup_task_logger``: put a
+  :class:`~celery_persist.keys.KeyRedactingFilter` on the worker's log
+  handlers, so a message body logged at DEBUG (a notify or resume task carries
+  a key) shows the key's fingerprint instead.
 
 A task takes part when its class says ``persist_journal = True`` (as
 ``PersistentTask`` does), so this module needs nothing above the journal.
@@ -25,6 +38,8 @@ from celery import signals
 
 from . import journal
 from .errors import PersistenceError
+from .flow import DELIVERY_HEADER
+from .keys import KeyRedactingFilter
 from .registry import binding_of
 
 __all__ = ["connect"]
@@ -80,6 +95,57 @@ def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False
         _stamp(sender, request.id, "revoked")
 
 
+_redactor = KeyRedactingFilter("celery_persist.redact")
+
+
+def redact_handlers(logger: Any = None, **_: Any) -> None:
+    """Install the key-redacting filter on every handler of ``logger`` (default: the root logger)."""
+    target = logger if isinstance(logger, logging.Logger) else logging.getLogger()
+    for handler in target.handlers:
+        if _redactor not in handler.filters:
+            handler.addFilter(_redactor)
+
+
+def on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+    delivery = (getattr(request, "request_dict", None) or {}).get(DELIVERY_HEADER)
+    if not isinstance(delivery, str):
+        return
+    try:
+        first = binding_of(request.task.app).ready().take_delivery(delivery)
+    except Exception:  # noqa: BLE001 - on any doubt run it: at least once beats never
+        logger.warning("celery-persist: could not check continuation %s for copies; running it", request.id, exc_info=True)
+        return
+    if first:
+        return
+    logger.info("celery-persist: dropped a second copy of continuation %s[%s]", request.name, request.id)
+    request.acknowledge()
+    # Celery's own way to skip a received request without recording a result: the
+    # first copy's result (maybe SUCCESS already) must not be overwritten by REVOKED.
+    request._already_revoked = True
+
+
+def on_unknown(sender: Any = None, message: Any = None, name: str | None = None, id: str | None = None, **_: Any) -> None:
+    delivery = (getattr(message, "headers", None) or {}).get(DELIVERY_HEADER)
+    if not isinstance(delivery, str):
+        return
+    kh = delivery.rpartition(":")[0]
+    try:
+        app = sender.app
+        stranded = binding_of(app).ready().strand(kh, f"missing-task:{name}")
+    except Exception:  # noqa: BLE001 - a handler must not take the consumer down
+        logger.error("celery-persist: continuation %s names unknown task %s and could not be put back", id, name, exc_info=True)
+        return
+    if stranded:
+        logger.error(
+            "celery-persist: continuation %s names task %r, which this worker does not know; suspension %s is "
+            "suspended again: deploy the task (or set persist_task_aliases / run `celery persist migrate "
+            "--rename OLD=NEW`) and resume it with the same key",
+            id,
+            name,
+            kh[:12],
+        )
+
+
 def connect() -> None:
     """Connect the receivers (once per process)."""
     global _connected
@@ -88,4 +154,9 @@ def connect() -> None:
     signals.task_prerun.connect(on_prerun, weak=False, dispatch_uid="celery_persist.prerun")
     signals.task_postrun.connect(on_postrun, weak=False, dispatch_uid="celery_persist.postrun")
     signals.task_revoked.connect(on_revoked, weak=False, dispatch_uid="celery_persist.revoked")
+    signals.task_received.connect(on_received, weak=False, dispatch_uid="celery_persist.received")
+    signals.task_unknown.connect(on_unknown, weak=False, dispatch_uid="celery_persist.unknown")
+    signals.after_setup_logger.connect(redact_handlers, weak=False, dispatch_uid="celery_persist.redact")
+    signals.after_setup_task_logger.connect(redact_handlers, weak=False, dispatch_uid="celery_persist.redact_task")
+    redact_handlers()
     _connected = True

@@ -25,21 +25,31 @@ live in :mod:`celery_persist.maintenance`, and the hub's methods delegate to the
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import dataclasses
 import hashlib
+import hmac
 import logging
+import os
+import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from . import maintenance
-from .crypto import KEY_MAGIC, SIGN_MAGIC, Keyring, Sealer, choose_sealer, secrets_from_env
+from .crypto import KEY_MAGIC, SIGN_MAGIC, Keyring, Sealer, choose_sealer, derive, secrets_from_env
 from .errors import (
     AlreadyResumed,
     ConfigurationError,
     EncryptionError,
+    IntegrityError,
     InvalidKey,
     PersistenceError,
     SerializationError,
@@ -47,16 +57,19 @@ from .errors import (
     SuspensionExpired,
     SuspensionNotFound,
 )
-from .keys import fingerprint, key_hash, new_suspension_key, validate_key
+from .keys import derive_suspension_key, fingerprint, key_hash, new_suspension_key, validate_key
 from .serializer import DEFAULT_MAX_STATE_SIZE, StateSerializer
-from .stores.base import BaseStore, Kind, Page, Status, StoredRecord, dump_metadata
+from .stores.base import KEEP, BaseStore, Keep, Kind, Page, Status, StoredRecord, dump_metadata
 
-__all__ = ["PersistenceHub", "Suspension"]
+__all__ = ["PersistenceHub", "Suspension", "WRAPPED_KEY_PREFIX"]
 
 logger = logging.getLogger(__name__)
 audit_logger = logging.getLogger("celery_persist.audit")
 
 _AAD_PREFIX = b"celery-persist/record/v1\0"
+WRAPPED_KEY_PREFIX = _WRAP_PREFIX = "p1w."
+_FIELDS_PREFIX = b"celery-persist/record-fields/v1\0"
+_WRAP_AAD = b"celery-persist/wrapped-key/v1"
 _warned_plaintext = False
 
 
@@ -99,6 +112,9 @@ class Suspension:
     created_at: datetime | None = None
     expires_at: datetime | None = None
     status: str = Status.SUSPENDED.value
+    #: Set by :meth:`PersistenceHub.claim`: what :meth:`~PersistenceHub.complete` and
+    #: :meth:`~PersistenceHub.release` need, so only the claim holder can finish it.
+    claim_token: int | None = None
 
 
 class PersistenceHub:
@@ -149,10 +165,29 @@ class PersistenceHub:
         self.store = store
         if signing_secret is None:
             signing_secret = secrets_from_env().signing_secret
-        self._secret = signing_secret
         self._sealer = choose_sealer(encryption, keyring, signing_secret)
         self.keyring = self._sealer if isinstance(self._sealer, Keyring) else None
         self.encryption = encryption
+        # Keys are signed whenever any secret exists: with the signing secret when one is
+        # set, else with secrets derived from the keyring (one per key, so keys issued
+        # before a rotation still verify). The seed makes re-derivable keys (new_key).
+        self._key_secrets: tuple[bytes, ...] = ()
+        self._seed: bytes | None = None
+        self._key_wraps: tuple[bytes, ...] = ()
+        if signing_secret:
+            raw = signing_secret.encode("utf-8") if isinstance(signing_secret, str) else signing_secret
+            self._key_secrets, self._seed = (raw,), derive(raw, b"key-seed/v1")
+        elif self.keyring is not None:
+            self._key_secrets, self._seed = self.keyring.derive(b"key-tag/v1"), self.keyring.derive(b"key-seed/v1")[0]
+        # What decides behaviour but sits beside the blob (status, times, version) is
+        # sealed with an HMAC under its own derived secrets (see _seal_fields).
+        self._field_keys: tuple[bytes, ...] = ()
+        if self.keyring is not None:
+            self._key_wraps = self.keyring.derive(b"key-wrap/v1")
+            self._field_keys = self.keyring.derive(b"record-fields/v1")
+        elif signing_secret:
+            self._key_wraps = (derive(raw, b"key-wrap/v1"),)
+            self._field_keys = (derive(raw, b"record-fields/v1"),)
         self.serializer = serializer or StateSerializer(max_size=max_state_size)
         if serializer is not None and max_state_size != DEFAULT_MAX_STATE_SIZE:
             self.serializer = serializer.with_max_size(max_state_size)
@@ -202,6 +237,84 @@ class PersistenceHub:
             exc.key, exc.store = fp, self.store.name
             raise
 
+    # -- the record's deciding fields ---------------------------------------------------------
+
+    @staticmethod
+    def _fields(
+        kh: str, kind: Kind, status: Status, created: float, expires: float | None, due: float | None, version: int, blob: bytes
+    ) -> bytes:
+        def when(t: float | None) -> str:
+            return "-" if t is None else f"{t:.3f}"  # milliseconds: every store keeps that exactly
+
+        # The blob's last 16 bytes are its AEAD tag (or the end of its HMAC): a blob swapped
+        # for another one of the same record, e.g. an older checkpoint, changes them.
+        text = f"{kh}|{kind.value}|{status.value}|{when(created)}|{when(expires)}|{when(due)}|{version}|"
+        return _FIELDS_PREFIX + text.encode("ascii") + bytes(blob[-16:])
+
+    def _seal_fields(self, fields: bytes) -> str:
+        if not self._field_keys:
+            return ""
+        return hmac.new(self._field_keys[0], fields, hashlib.sha256).hexdigest()
+
+    def _seal_of(
+        self, rec: StoredRecord, *, status: Status | None = None, due: float | None | Keep = KEEP, version: int | None = None
+    ) -> str:
+        """The seal ``rec`` would carry with ``status``, ``due`` and ``version`` changed."""
+        return self._seal_fields(
+            self._fields(
+                rec.key_hash,
+                rec.kind,
+                rec.status if status is None else status,
+                rec.created_at,
+                rec.expires_at,
+                rec.due_at if due is KEEP else due,
+                rec.version if version is None else version,
+                rec.blob,
+            )
+        )
+
+    def _verify(self, rec: StoredRecord, fp: str | None = None) -> StoredRecord:
+        """``rec`` if its deciding fields are as celery-persist last wrote them.
+
+        Status, times, version and blob are bound by an HMAC (the record's seal)
+        under secrets derived from the keyring or signing secret; without either
+        there is nothing to check with.
+
+        Raises:
+            IntegrityError: The seal is missing or does not match (the record was
+                edited outside celery-persist, or restored from an older copy's parts).
+        """
+        if not self._field_keys:
+            return rec
+        fields = self._fields(rec.key_hash, rec.kind, rec.status, rec.created_at, rec.expires_at, rec.due_at, rec.version, rec.blob)
+        genuine = False
+        for secret in self._field_keys:  # old keys still verify until rotate-keys re-seals
+            genuine |= hmac.compare_digest(hmac.new(secret, fields, hashlib.sha256).hexdigest(), rec.seal)
+        if not genuine:
+            fp = fp or rec.key_hash[:12]
+            self._audit("verify", fp, "denied:IntegrityError")
+            raise IntegrityError(
+                "the record's status, times or version were changed outside celery-persist (its seal does not verify); nothing was changed",
+                key=fp,
+                store=self.store.name,
+            )
+        return rec
+
+    def _move(self, rec: StoredRecord, to: Status, *, due: float | None | Keep, now: float) -> StoredRecord | None:
+        """Compare-and-set ``rec`` (as read: same status and version) to ``to``, re-sealed.
+
+        Returns:
+            The record as it now is, or None when another writer changed it first.
+        """
+        version = rec.version + 1
+        seal = self._seal_of(rec, status=to, due=due, version=version)
+        moved = self.store.transition(
+            rec.key_hash, {rec.status}, to, due_at=due, now=now, version=version, seal=seal, expect_version=rec.version
+        )
+        if not moved:
+            return None
+        return rec.replace(status=to, due_at=rec.due_at if due is KEEP else due, version=version, seal=seal, updated_at=now)
+
     # -- audit -----------------------------------------------------------------------------
 
     def _audit(self, action: str, fp: str, outcome: str, **extra: Any) -> None:
@@ -222,7 +335,7 @@ class PersistenceHub:
     def _check_key(self, key: str, action: str) -> str:
         """Validate ``key`` (no store access) and return its fingerprint; audit a refusal."""
         try:
-            validate_key(key, self._secret)
+            validate_key(key, self._key_secrets)
         except InvalidKey as exc:
             # Like every hub error, name the store and (a hash of) the candidate, never the key.
             exc.key, exc.store = (fingerprint(key) if isinstance(key, str) else None), self.store.name
@@ -270,7 +383,7 @@ class PersistenceHub:
         """
         started = time.perf_counter()
         if key is None:
-            key = new_suspension_key(self._secret)
+            key = new_suspension_key(self._key_secrets)
         else:
             self._check_key(key, "suspend")
         ttl = self.default_ttl if ttl is None else ttl
@@ -280,6 +393,82 @@ class PersistenceHub:
         rec = self._build(key_hash(key), Kind.SUSPENSION, Status.SUSPENDED, state, metadata, now, expires, fp)
         self.store.put(rec)
         self._audit("suspend", fp, "ok", seconds=time.perf_counter() - started, size=len(rec.blob))
+        return key
+
+    def new_key(self, context: bytes | None = None, ms: int | None = None) -> str:
+        """A key to pass to :meth:`suspend`; with ``context`` and ``ms``, the same every time.
+
+        A derived key lets a caller that parks the same thing twice (a redelivered
+        message) hand out the same key again without it ever being stored. It
+        needs a secret (a keyring or a signing secret); without one the key is
+        random and :meth:`derived_key` answers None.
+        """
+        if context is not None and ms is not None and self._seed is not None:
+            return derive_suspension_key(self._seed, context, ms, self._key_secrets)
+        return new_suspension_key(self._key_secrets)
+
+    def wrap_key(self, key: str) -> str:
+        """``key`` sealed for places that must not hold it in clear (the result backend, Flower).
+
+        A wrapped key (``p1w.…``) is useless without this hub's keys; :meth:`unwrap_key`
+        (and so ``Persist.resume`` and the ``celery_persist.resume`` task) turns it back.
+        Without any key or secret the key is returned as it is.
+        """
+        if not self._key_wraps:
+            return key
+        nonce = os.urandom(12)
+        sealed = AESGCM(self._key_wraps[0]).encrypt(nonce, key.encode("ascii"), _WRAP_AAD)
+        return _WRAP_PREFIX + base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode("ascii")
+
+    def unwrap_key(self, key: str) -> str:
+        """The key inside a :meth:`wrap_key` token; any other string is returned unchanged.
+
+        Raises:
+            InvalidKey: A wrapped key that this hub's keys cannot open.
+        """
+        if not isinstance(key, str) or not key.startswith(_WRAP_PREFIX):
+            return key
+        try:
+            raw = base64.urlsafe_b64decode(key[len(_WRAP_PREFIX) :] + "=" * (-len(key) % 4))
+        except (ValueError, binascii.Error):
+            raise InvalidKey("wrapped suspension key is malformed", store=self.store.name) from None
+        for secret in self._key_wraps:
+            try:
+                return AESGCM(secret).decrypt(raw[:12], raw[12:], _WRAP_AAD).decode("ascii")
+            except (InvalidTag, ValueError):
+                continue
+        raise InvalidKey("wrapped suspension key does not open with the configured keys", store=self.store.name)
+
+    def derived_key(self, context: bytes, ms: int) -> str | None:
+        """The key :meth:`new_key` derived for ``(context, ms)``, or None without a secret."""
+        return None if self._seed is None else derive_suspension_key(self._seed, context, ms, self._key_secrets)
+
+    def reissue(self, kh: str) -> str:
+        """Move the suspension stored under ``kh`` to a new key; the old key stops working.
+
+        For a caller that must announce a key it no longer has (keys are never
+        stored). The new record is written first and the old one then retired
+        with a compare-and-set, so exactly one of them can be resumed.
+
+        Raises:
+            SuspensionNotFound, AlreadyResumed, SuspensionCancelled, SuspensionExpired:
+                The old record is gone or no longer suspended (nothing is written).
+        """
+        fp = kh[:12]
+        now = self.clock()
+        rec = self.store.get(kh)
+        if rec is None or rec.kind is not Kind.SUSPENSION:
+            raise SuspensionNotFound("no suspension is stored under this key", key=fp, store=self.store.name)
+        self._verify(rec, fp)
+        self._refuse(rec, fp, now, "reissue")
+        state = self._open_record(rec, fp)
+        key = self.new_key()
+        new_kh = key_hash(key)
+        self.store.put(self._build(new_kh, Kind.SUSPENSION, Status.SUSPENDED, state, rec.metadata, rec.created_at, rec.expires_at, fp))
+        if self._move(rec, Status.CANCELLED, due=now + self.retention, now=now) is None:
+            self.store.delete(new_kh)
+            self._lost_race(kh, fp, now, "reissue")
+        self._audit("reissue", fp, "ok", new=fingerprint(key))
         return key
 
     def _build(
@@ -303,7 +492,114 @@ class PersistenceHub:
         except PersistenceError as exc:
             exc.key, exc.store = fp, self.store.name
             raise
-        return StoredRecord(kh, kind, status, self._seal(plain, aad), md, now, expires, expires, now)
+        blob = self._seal(plain, aad)
+        seal = self._seal_fields(self._fields(kh, kind, status, now, expires, expires, 1, blob))
+        return StoredRecord(kh, kind, status, blob, md, now, expires, expires, now, version=1, seal=seal)
+
+    # -- dispatch: a continuation is sent at most once per suspension -------------------------
+
+    @staticmethod
+    def dispatch_name(kh: str) -> str:
+        """The checkpoint that records the dispatch of suspension ``kh``'s continuation."""
+        return f"dispatch:{kh}"
+
+    def record_dispatch(self, key: str, input: Any) -> str:
+        """Note durably, before sending, that claimed ``key``'s continuation goes out with ``input``.
+
+        From then on the claim is never re-opened for another resumer: if this
+        process dies before completing, cleanup finishes the dispatch instead
+        (see :func:`celery_persist.maintenance.cleanup`), and the copy that
+        reaches a worker second is dropped there (:meth:`take_delivery`).
+
+        Returns:
+            The delivery tag to carry in the continuation message.
+        """
+        kh = key_hash(self.unwrap_key(key))
+        self.save_checkpoint(self.dispatch_name(kh), {"input": input}, ttl=self.retention)
+        return self.delivery_tag(kh)
+
+    @staticmethod
+    def delivery_tag(kh: str) -> str:
+        """A fresh ``<key hash>:<nonce>`` for one sending of ``kh``'s continuation."""
+        return f"{kh}:{secrets.randbelow(2**31) + 2}"
+
+    def dispatch_input(self, kh: str) -> tuple[bool, Any]:
+        """``(True, input)`` when a dispatch of ``kh`` was recorded, else ``(False, None)``."""
+        rec = self.checkpoint_record(self.dispatch_name(kh))
+        if rec is None:
+            return False, None
+        recorded = self._open_record(rec)
+        return True, recorded.get("input") if isinstance(recorded, dict) else None
+
+    def take_delivery(self, tag: str) -> bool:
+        """Whether the continuation message carrying ``tag`` is the one to run.
+
+        The first copy to arrive marks the dispatch record with its nonce in one
+        compare-and-set; the same message delivered again (a worker died running
+        it) still runs; any other copy (sent again by cleanup after the resumer
+        died) does not. No record (expired, or never written): run.
+        """
+        kh, _, raw_nonce = tag.rpartition(":")
+        nonce = int(raw_nonce)
+        rec = self.checkpoint_record(self.dispatch_name(kh))
+        if rec is None:
+            return True
+        if rec.status is Status.ACTIVE:
+            seal = self._seal_of(rec, status=Status.RESUMED, version=nonce)
+            moved = self.store.transition(
+                rec.key_hash, {Status.ACTIVE}, Status.RESUMED, now=self.clock(), version=nonce, seal=seal, expect_version=rec.version
+            )
+            if moved:
+                return True
+            latest = self.checkpoint_record(self.dispatch_name(kh))
+            return latest is None or latest.version == nonce
+        return rec.version == nonce
+
+    def strand(self, kh: str, reason: str) -> bool:
+        """Put a dispatched suspension back to ``suspended``: its continuation could not run.
+
+        For a continuation that a worker refused (it names a task the worker does
+        not know, say after a deploy renamed it): nothing is lost, and the same key
+        resumes the flow once the code (or ``persist_task_aliases``) is fixed.
+
+        Returns:
+            True if the record was put back; False if it was not resumed (or is gone).
+        """
+        fp = kh[:12]
+        rec = self.store.get(kh)
+        if rec is None or rec.kind is not Kind.SUSPENSION or rec.status not in (Status.CLAIMED, Status.RESUMED):
+            return False
+        self._verify(rec, fp)
+        if self._move(rec, Status.SUSPENDED, due=rec.expires_at, now=self.clock()) is None:
+            return False
+        self._audit("strand", fp, reason)
+        return True
+
+    def rewrite_states(self, change: Callable[[Any], tuple[Any, int]], *, batch: int = 200) -> int:
+        """Apply ``change(state) -> (new state, changes)`` to every suspended flow's state.
+
+        Each record is re-encrypted and re-sealed with a compare-and-set on its
+        blob, so a flow resumed meanwhile is left alone. Returns how many records changed.
+        """
+        changed = 0
+        cursor: str | None = None
+        while True:
+            page = self.store.scan(kind=Kind.SUSPENSION, status=Status.SUSPENDED, limit=batch, cursor=cursor, with_blob=True)
+            for rec in page.items:
+                fp = rec.key_hash[:12]
+                self._verify(rec, fp)
+                state, count = change(self._open_record(rec, fp))
+                if not count:
+                    continue
+                fresh = self._build(rec.key_hash, rec.kind, rec.status, state, rec.metadata, rec.created_at, rec.expires_at, fp)
+                version = rec.version + 1
+                seal = self._seal_of(fresh.replace(due_at=rec.due_at), version=version)
+                if self.store.replace_blob(rec.key_hash, rec.blob, fresh.blob, now=self.clock(), version=version, seal=seal):
+                    changed += 1
+                    self._audit("rewrite", fp, f"changes={count}")
+            cursor = page.next_cursor
+            if cursor is None:
+                return changed
 
     def load(self, key: str) -> Suspension:
         """Read a suspension without changing it.
@@ -313,9 +609,17 @@ class PersistenceHub:
             SuspensionNotFound: No such suspension.
             IntegrityError, EncryptionError: The stored blob does not authenticate.
         """
+        key = self.unwrap_key(key)
         fp = self._check_key(key, "load")
         rec = self._get(key, fp)
         return self._view(rec, key, state=self._open_record(rec, fp), now=self.clock())
+
+    def peek(self, kh: str) -> Suspension | None:
+        """The suspension stored under key hash ``kh`` (metadata, times, status; no state), or None."""
+        rec = self.store.get(kh)
+        if rec is None or rec.kind is not Kind.SUSPENSION:
+            return None
+        return self._view(self._verify(rec), None, now=self.clock())
 
     def _get(self, key: str, fp: str, action: str | None = None) -> StoredRecord:
         rec = self.store.get(key_hash(key))
@@ -323,7 +627,7 @@ class PersistenceHub:
             if action is not None:
                 self._audit(action, fp, "denied:SuspensionNotFound")
             raise SuspensionNotFound("no suspension is stored under this key", key=fp, store=self.store.name)
-        return rec
+        return self._verify(rec, fp)
 
     def _refuse(self, rec: StoredRecord, fp: str, now: float, action: str) -> None:
         """Raise the error that ``rec``'s status means for a resume or cancel."""
@@ -354,44 +658,72 @@ class PersistenceHub:
     def _take(self, key: str, input: Any, to: Status, hold: float) -> Suspension:
         """Read, authenticate and move ``key`` from suspended to ``to`` in one compare-and-set."""
         started = time.perf_counter()
+        key = self.unwrap_key(key)
         fp = self._check_key(key, "resume")
         now = self.clock()
         rec = self._get(key, fp, "resume")
         self._refuse(rec, fp, now, "resume")
         # Open before claiming: a blob that fails to authenticate must not use up the claim.
         state = self._open_record(rec, fp)
-        if not self.store.transition(rec.key_hash, {Status.SUSPENDED}, to, due_at=now + hold, now=now):
+        moved = self._move(rec, to, due=now + hold, now=now)
+        if moved is None:
             self._lost_race(rec.key_hash, fp, now, "resume")
+            raise AssertionError("unreachable")  # _lost_race always raises
         # The same audit trail (and metrics) as claim + complete, though only one write happened.
         self._audit("claim", fp, "granted", seconds=time.perf_counter() - started, size=len(rec.blob))
         if to is Status.RESUMED:
             self._audit("resume", fp, "ok")
-        return self._view(rec.replace(status=to), key, state=state, input=input)
+        view = self._view(moved, key, state=state, input=input)
+        return dataclasses.replace(view, claim_token=moved.version if to is Status.CLAIMED else None)
 
     def _lost_race(self, kh: str, fp: str, now: float, action: str) -> None:
         """Another caller changed the record between our read and our transition: say how."""
         latest = self.store.get(kh)
         if latest is None:
             raise SuspensionNotFound("no suspension is stored under this key", key=fp, store=self.store.name)
-        self._refuse(latest, fp, now, action)
+        self._refuse(self._verify(latest, fp), fp, now, action)
         self._audit(action, fp, "denied:AlreadyResumed")
         raise AlreadyResumed("this suspension is being resumed by another caller", key=fp, store=self.store.name)
 
-    def complete(self, key: str) -> None:
-        """Mark a claimed suspension ``resumed`` (its continuation is on its way)."""
+    def complete(self, key: str, *, token: int) -> None:
+        """Mark a claimed suspension ``resumed`` (its continuation is on its way).
+
+        Args:
+            key: The suspension key.
+            token: ``claim_token`` of the :class:`Suspension` that :meth:`claim`
+                returned: only the claim that still holds the record completes it.
+
+        Raises:
+            AlreadyResumed: The claim is no longer held (its lease lapsed and was
+                re-opened, perhaps claimed again by another caller).
+            IntegrityError: The record was edited outside celery-persist.
+        """
+        key = self.unwrap_key(key)
         fp = self._check_key(key, "resume")
         now = self.clock()
-        if not self.store.transition(key_hash(key), {Status.CLAIMED}, Status.RESUMED, due_at=now + self.retention, now=now):
-            raise AlreadyResumed("this suspension is not claimed (its lease lapsed and was re-opened?)", key=fp, store=self.store.name)
+        rec = self._get(key, fp, "resume")
+        if rec.status is Status.RESUMED and rec.version == token + 1:
+            return  # completed by an earlier try of this call whose reply was lost
+        if (
+            rec.status is not Status.CLAIMED
+            or rec.version != token
+            or self._move(rec, Status.RESUMED, due=now + self.retention, now=now) is None
+        ):
+            raise AlreadyResumed("this claim is no longer held (its lease lapsed and was re-opened?)", key=fp, store=self.store.name)
         self._audit("resume", fp, "ok")
 
-    def release(self, key: str) -> None:
-        """Give a claim back: the suspension can be resumed again."""
+    def release(self, key: str, *, token: int) -> None:
+        """Give a claim back (``token`` as for :meth:`complete`): the suspension can be resumed again.
+
+        A claim that is no longer held is left alone.
+        """
+        key = self.unwrap_key(key)
         fp = self._check_key(key, "release")
         now = self.clock()
         rec = self.store.get(key_hash(key))
-        due = rec.expires_at if rec is not None else None
-        if self.store.transition(key_hash(key), {Status.CLAIMED}, Status.SUSPENDED, due_at=due, now=now):
+        if rec is None or rec.status is not Status.CLAIMED or rec.version != token:
+            return
+        if self._move(self._verify(rec, fp), Status.SUSPENDED, due=rec.expires_at, now=now) is not None:
             self._audit("release", fp, "ok")
 
     @contextlib.contextmanager
@@ -403,12 +735,14 @@ class PersistenceHub:
             ...     dispatch(s.state, s.input)   # raises -> released, resumable again
         """
         suspension = self.claim(key, input, lease=lease)
+        token = suspension.claim_token
+        assert token is not None  # a claim always has one
         try:
             yield suspension
         except BaseException:
-            self.release(key)
+            self.release(key, token=token)
             raise
-        self.complete(key)
+        self.complete(key, token=token)
 
     def resume(self, key: str, input: Any = None) -> Suspension:
         """Claim and complete in one step; exactly one caller per key succeeds.
@@ -429,22 +763,26 @@ class PersistenceHub:
         """End a suspension so it can no longer be resumed. Cancelling twice is a no-op.
 
         Returns:
-            The suspension's metadata and times (no state), status ``cancelled``.
+            The suspension, state included (authenticated: what a caller acts on,
+            e.g. which tasks to revoke, comes from it), status ``cancelled``.
 
         Raises:
-            InvalidKey, SuspensionNotFound, AlreadyResumed, SuspensionExpired.
+            InvalidKey, SuspensionNotFound, AlreadyResumed, SuspensionExpired,
+            IntegrityError, EncryptionError.
         """
+        key = self.unwrap_key(key)
         fp = self._check_key(key, "cancel")
         now = self.clock()
         rec = self._get(key, fp, "cancel")
+        state = self._open_record(rec, fp)  # a record that does not authenticate is not acted on
         if rec.status is not Status.CANCELLED:
             self._refuse(rec, fp, now, "cancel")
-            if not self.store.transition(rec.key_hash, {Status.SUSPENDED}, Status.CANCELLED, due_at=now + self.retention, now=now):
+            if self._move(rec, Status.CANCELLED, due=now + self.retention, now=now) is None:
                 latest = self.store.get(rec.key_hash)
-                if latest is None or latest.status is not Status.CANCELLED:
+                if latest is None or self._verify(latest, fp).status is not Status.CANCELLED:
                     self._lost_race(rec.key_hash, fp, now, "cancel")
             self._audit("cancel", fp, "ok")
-        return self._view(rec.replace(status=Status.CANCELLED), key)
+        return self._view(rec.replace(status=Status.CANCELLED), key, state=state)
 
     def list(self, status: str | None = None, limit: int = 100, cursor: str | None = None) -> Page:
         """One page of suspensions (no state, no keys), in key-hash order.
@@ -474,8 +812,9 @@ class PersistenceHub:
         self.store.put(self._build(kh, Kind.CHECKPOINT, Status.ACTIVE, state, metadata, now, now + ttl if ttl else None, kh[:12]))
 
     def checkpoint_record(self, name: str) -> StoredRecord | None:
+        """The record saved under ``name`` (its seal checked), or None."""
         rec = self.store.get(self.checkpoint_hash(name))
-        return rec if rec is not None and rec.kind is Kind.CHECKPOINT else None
+        return self._verify(rec) if rec is not None and rec.kind is Kind.CHECKPOINT else None
 
     def load_checkpoint(self, name: str, default: Any = None) -> Any:
         """The last state saved under ``name``, or ``default``."""
@@ -492,6 +831,7 @@ class PersistenceHub:
         now: float | None = None,
         *,
         on_expired: Callable[[Suspension], None] | None = None,
+        on_unfinished: Callable[[Suspension, Any, str], None] | None = None,
         batch: int = 500,
         retry_after: float = 60.0,
     ) -> int:
@@ -501,13 +841,18 @@ class PersistenceHub:
           ``on_expired`` gets it (with state) to apply its timeout policy; if
           that raises, the record goes back to ``suspended`` and is retried
           after ``retry_after`` seconds;
-        * a claim whose lease lapsed is re-opened (``suspended``);
-        * checkpoints past their ttl and finished records past retention are deleted.
+        * a claim whose lease lapsed is re-opened (``suspended``), unless its
+          dispatch was recorded (:meth:`record_dispatch`): then
+          ``on_unfinished(suspension, input, delivery_tag)`` sends the same continuation again
+          and the claim is completed; if that raises, it is retried after
+          ``retry_after`` seconds (without ``on_unfinished`` it is left as it is);
+        * checkpoints past their ttl and finished records past retention are deleted;
+        * a record whose seal does not verify is skipped and audited, never acted on.
 
         Returns:
             How many records were changed or deleted.
         """
-        return maintenance.cleanup(self, now, on_expired=on_expired, batch=batch, retry_after=retry_after)
+        return maintenance.cleanup(self, now, on_expired=on_expired, on_unfinished=on_unfinished, batch=batch, retry_after=retry_after)
 
     def rotate_keys(self, *, batch: int = 200, on_record: Callable[[str], None] | None = None) -> dict[str, int]:
         """Re-encrypt every record not sealed with the active key. Resumable; safe while workers run.
@@ -530,6 +875,13 @@ class PersistenceHub:
         """
         return maintenance.rotate_keys(self, batch=batch, on_record=on_record)
 
+    def adopt_unsealed(self, *, batch: int = 200) -> int:
+        """Seal records written before record seals existed (0.1); run once after upgrading.
+
+        Until then such records are refused with ``IntegrityError``. Returns how many were sealed.
+        """
+        return maintenance.adopt_unsealed(self, batch=batch)
+
     def stats(self, *, batch: int = 1000) -> dict[str, Any]:
         """Counts of suspensions by status, oldest suspended age, checkpoints (a full scan: for operators)."""
         return maintenance.stats(self, batch=batch)
@@ -539,7 +891,7 @@ class PersistenceHub:
         info = dict(self.store.health())
         info["encryption"] = "aes-256-gcm" if self.keyring else ("hmac-sha256" if self._sealer else "none")
         info["key_ids"] = list(self.keyring.key_ids) if self.keyring else []
-        info["signed_keys"] = bool(self._secret)
+        info["signed_keys"] = bool(self._key_secrets)
         info["codec"] = self.serializer.codec
         info["compression"] = self.serializer.compression
         return info

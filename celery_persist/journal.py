@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .registry import Binding
+from .retry import with_store_retry
 
 __all__ = ["Journal", "name_of", "load", "save_state", "record_input", "stamp", "discard", "checkpoint_state", "checkpoint_record"]
 
@@ -61,7 +62,12 @@ def save_state(binding: Binding, task_id: str, journal: Journal, state: Any, run
     """Durably store ``state`` as the checkpoint of ``task_id``; returns the new journal."""
     updated = {**journal, "state": state, "has_state": True}
     metadata = {**(run or {}), "checkpoint_at": time.time()}
-    binding.ready().save_checkpoint(name_of(task_id), updated, ttl=binding.config.checkpoint_ttl, metadata=metadata)
+    hub = binding.ready()
+    with_store_retry(
+        lambda: hub.save_checkpoint(name_of(task_id), updated, ttl=binding.config.checkpoint_ttl, metadata=metadata),
+        binding.config.store_retry,
+        what=f"the checkpoint of task {task_id}",
+    )
     return updated
 
 

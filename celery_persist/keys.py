@@ -8,6 +8,13 @@ A key looks like ``p1.<ts><rand>`` or, with a signing secret, ``p1.<ts><rand>.<t
 * ``<rand>`` is 16 random bytes (128 bits) from :mod:`secrets`, base64url;
 * ``<tag>`` is HMAC-SHA256(secret, ``p1.<ts><rand>``) cut to 128 bits, base64url.
 
+With a secret, ``<rand>`` may instead be *derived*: HMAC-SHA256(seed secret,
+context, ts) cut to 128 bits (:func:`derive_suspension_key`). The same context
+(e.g. "the await of task X") and time then give the same key again, so a
+parked step that is delivered twice can announce its key a second time
+without the key ever being written anywhere. Without the seed secret the
+derived part is as unpredictable as a random one.
+
 Stores never see a key: they index records by :func:`key_hash`, so read access to
 the store does not grant the power to resume. Logs and errors use
 :func:`fingerprint`, the first 12 hex characters of that hash.
@@ -18,13 +25,28 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import time
 
 from .errors import InvalidKey
 
-__all__ = ["new_suspension_key", "validate_key", "key_hash", "fingerprint", "MAX_KEY_LENGTH"]
+__all__ = [
+    "new_suspension_key",
+    "derive_suspension_key",
+    "validate_key",
+    "key_hash",
+    "fingerprint",
+    "masked_key",
+    "redact_keys",
+    "KeyRedactingFilter",
+    "now_ms",
+    "MAX_KEY_LENGTH",
+]
+
+#: One secret, or several (active first: a key tagged with any of them is genuine).
+Secrets = str | bytes | tuple[bytes, ...] | None
 
 MAX_KEY_LENGTH = 96
 _VERSION = "p1"
@@ -34,6 +56,7 @@ _RAND_BYTES = 16
 _TAG_BYTES = 16
 _KEY_RE = re.compile(r"\Ap1\.(?P<body>[0-9a-hjkmnp-tv-z]{10}[A-Za-z0-9_-]{22})(?:\.(?P<tag>[A-Za-z0-9_-]{22}))?\Z")
 _TAG_CONTEXT = b"celery-persist/key-tag/v1\0"
+_SEED_CONTEXT = b"celery-persist/key-seed/v1\0"
 
 
 def _encode_ts(ms: int) -> str:
@@ -52,35 +75,65 @@ def _secret_bytes(secret: str | bytes) -> bytes:
     return secret.encode("utf-8") if isinstance(secret, str) else secret
 
 
-def _tag(body: str, secret: str | bytes) -> str:
-    mac = hmac.new(_secret_bytes(secret), _TAG_CONTEXT + body.encode("ascii"), hashlib.sha256)
+def _tag(body: str, secret: bytes) -> str:
+    mac = hmac.new(secret, _TAG_CONTEXT + body.encode("ascii"), hashlib.sha256)
     return _b64(mac.digest()[:_TAG_BYTES])
 
 
-def new_suspension_key(secret: str | bytes | None = None) -> str:
+def _signing(secret: Secrets) -> tuple[bytes, ...]:
+    if not secret:
+        return ()
+    return secret if isinstance(secret, tuple) else (_secret_bytes(secret),)
+
+
+def now_ms() -> int:
+    """Milliseconds since the epoch, as a key's time prefix holds them."""
+    return time.time_ns() // 1_000_000
+
+
+def _finish(body: str, secret: Secrets) -> str:
+    signing = _signing(secret)
+    return f"{body}.{_tag(body, signing[0])}" if signing else body
+
+
+def new_suspension_key(secret: Secrets = None) -> str:
     """Return a fresh suspension key.
 
     Args:
-        secret: Signing secret; when given the key carries an HMAC tag that
-            :func:`validate_key` checks before any store access.
+        secret: Signing secret (or secrets, active first); when given the key
+            carries an HMAC tag that :func:`validate_key` checks before any store access.
 
     Returns:
         A URL-safe string of at most 96 characters with 128 random bits,
         whose prefix orders keys by creation time.
     """
-    body = f"{_VERSION}.{_encode_ts(time.time_ns() // 1_000_000)}{_b64(secrets.token_bytes(_RAND_BYTES))}"
-    if secret:
-        return f"{body}.{_tag(body, secret)}"
-    return body
+    return _finish(f"{_VERSION}.{_encode_ts(now_ms())}{_b64(secrets.token_bytes(_RAND_BYTES))}", secret)
 
 
-def validate_key(key: object, secret: str | bytes | None = None) -> None:
+def derive_suspension_key(seed: bytes, context: bytes, ms: int, secret: Secrets = None) -> str:
+    """The key for ``context`` at ``ms``: the same inputs always give the same key.
+
+    Args:
+        seed: A secret of at least 16 bytes; whoever lacks it cannot compute the key.
+        context: What the key is for, unique per suspension (e.g. a task id and await index).
+        ms: The creation time (milliseconds since the epoch) the key's prefix carries.
+        secret: Signing secret(s) for the tag, as for :func:`new_suspension_key`.
+    """
+    if len(seed) < 16:
+        raise ValueError("a key seed needs at least 16 bytes")
+    ts = _encode_ts(ms)
+    rand = hmac.new(seed, _SEED_CONTEXT + ts.encode("ascii") + b"\0" + context, hashlib.sha256).digest()[:_RAND_BYTES]
+    return _finish(f"{_VERSION}.{ts}{_b64(rand)}", secret)
+
+
+def validate_key(key: object, secret: Secrets = None) -> None:
     """Check that ``key`` is well formed and, with a secret, genuine.
 
     Args:
         key: The candidate key, as received from a caller.
-        secret: The signing secret. With one, an unsigned or forged key is
-            refused; the tag is compared in constant time.
+        secret: The signing secret, or several (active first, e.g. one per key
+            of a rotated keyring). With one, an unsigned or forged key is
+            refused; tags are compared in constant time.
 
     Raises:
         InvalidKey: The key is malformed, unsigned while a secret is set, or forged.
@@ -90,13 +143,17 @@ def validate_key(key: object, secret: str | bytes | None = None) -> None:
     match = _KEY_RE.match(key)
     if match is None:
         raise InvalidKey("suspension key is malformed: not a celery-persist key")
-    if not secret:
+    signing = _signing(secret)
+    if not signing:
         return
     tag = match.group("tag")
     if tag is None:
         raise InvalidKey("suspension key is not signed, but a signing secret is configured")
-    expected = _tag(f"{_VERSION}.{match.group('body')}", secret)
-    if not hmac.compare_digest(tag.encode("ascii"), expected.encode("ascii")):
+    body = f"{_VERSION}.{match.group('body')}"
+    genuine = False
+    for candidate in signing:  # every candidate is checked, so the time does not say which one matched
+        genuine |= hmac.compare_digest(tag.encode("ascii"), _tag(body, candidate).encode("ascii"))
+    if not genuine:
         raise InvalidKey("suspension key signature does not verify (forged, or signed with another secret)")
 
 
@@ -116,3 +173,43 @@ def created_ms(key: str) -> int:
     for ch in key[3 : 3 + _TS_CHARS]:
         ms = ms * 32 + _B32.index(ch)
     return ms
+
+
+def masked_key(fp: str) -> str:
+    """What stands for a key wherever one would be shown: ``<suspension-key:FINGERPRINT>``."""
+    return f"<suspension-key:{fp}>"
+
+
+# Keys inside any text, e.g. a message body that a DEBUG log line prints whole.
+_KEY_IN_TEXT = re.compile(r"p1\.[0-9a-hjkmnp-tv-z]{10}[A-Za-z0-9_-]{22}(?:\.[A-Za-z0-9_-]{22})?")
+
+
+def redact_keys(text: str) -> str:
+    """``text`` with every suspension key in it replaced by :func:`masked_key`."""
+    if "p1." not in text:
+        return text
+    return _KEY_IN_TEXT.sub(lambda m: masked_key(fingerprint(m.group(0))), text)
+
+
+class KeyRedactingFilter(logging.Filter):
+    """A logging filter that masks suspension keys in every record it passes.
+
+    celery-persist never logs a key itself, but Celery's worker logs message
+    bodies at DEBUG level, and the ``notify`` and ``celery_persist.resume``
+    tasks carry a key in theirs. Installed on the worker's log handlers.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Received unregistered task") and "persist_delivery" in message:
+            # Celery prints the whole message body of an unknown task, and a parked flow's
+            # continuation carries the resume input in its arguments: print its name only.
+            record.msg, record.args = message.split("\n", 1)[0] + " (a celery-persist continuation; body not logged)", None
+            record.exc_info = record.exc_text = None
+            return True
+        redacted = redact_keys(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_text:
+            record.exc_text = redact_keys(record.exc_text)
+        return True

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .crypto import KEY_MAGIC, Keyring
-from .errors import EncryptionError, PersistenceError
+from .errors import EncryptionError, IntegrityError, PersistenceError
 from .stores.base import TERMINAL, Kind, Status, StoredRecord
 
 if TYPE_CHECKING:
     from .hub import PersistenceHub, Suspension
 
-__all__ = ["cleanup", "rotate_keys", "stats"]
+__all__ = ["cleanup", "rotate_keys", "adopt_unsealed", "stats"]
 
 # The hub's logger, not __name__: these are hub operations, and logging set up
 # for celery_persist.hub should keep seeing a failing timeout handler.
@@ -37,6 +37,7 @@ def cleanup(
     now: float | None = None,
     *,
     on_expired: Callable[[Suspension], None] | None = None,
+    on_unfinished: Callable[[Suspension, Any, str], None] | None = None,
     batch: int = 500,
     retry_after: float = 60.0,
 ) -> int:
@@ -47,7 +48,7 @@ def cleanup(
         records = hub.store.due(now, batch)
         progressed = 0
         for rec in records:
-            progressed += _cleanup_one(hub, rec, now, on_expired, retry_after)
+            progressed += _cleanup_one(hub, rec, now, on_expired, on_unfinished, retry_after)
         done += progressed
         # Keep going while something moved: a lapsed lease that is also past its expiry is
         # re-opened in one pass and expired in the next, within the same run.
@@ -60,18 +61,21 @@ def _cleanup_one(
     rec: StoredRecord,
     now: float,
     on_expired: Callable[[Suspension], None] | None,
+    on_unfinished: Callable[[Suspension, Any, str], None] | None,
     retry_after: float,
 ) -> int:
     store = hub.store
     fp = rec.key_hash[:12]
+    try:
+        hub._verify(rec, fp)  # a forged status or time must not make cleanup delete, expire or re-open
+    except IntegrityError:
+        return 0
     if rec.kind is not Kind.SUSPENSION or rec.status in TERMINAL:
         return int(store.delete(rec.key_hash))
     if rec.status is Status.CLAIMED:
-        if store.transition(rec.key_hash, {Status.CLAIMED}, Status.SUSPENDED, due_at=rec.expires_at, now=now):
-            hub._audit("reopen", fp, "lease-lapsed")
-            return 1
-        return 0
-    if not store.transition(rec.key_hash, {Status.SUSPENDED}, Status.EXPIRED, due_at=now + hub.retention, now=now):
+        return _lapsed_claim(hub, rec, now, on_unfinished, retry_after)
+    expired = hub._move(rec, Status.EXPIRED, due=now + hub.retention, now=now)
+    if expired is None:
         return 0
     if on_expired is None:
         hub._audit("expire", fp, "ok")
@@ -86,10 +90,51 @@ def _cleanup_one(
         on_expired(hub._view(rec.replace(status=Status.EXPIRED), None, state=state))
     except Exception:
         logger.exception("celery-persist: timeout handler failed for suspension %s; retrying later", fp)
-        store.transition(rec.key_hash, {Status.EXPIRED}, Status.SUSPENDED, due_at=now + retry_after, now=now)
+        hub._move(expired, Status.SUSPENDED, due=now + retry_after, now=now)
         hub._audit("expire", fp, "handler-failed")
         return 1
     hub._audit("expire", fp, "ok")
+    return 1
+
+
+def _lapsed_claim(
+    hub: PersistenceHub,
+    rec: StoredRecord,
+    now: float,
+    on_unfinished: Callable[[Suspension, Any, str], None] | None,
+    retry_after: float,
+) -> int:
+    """A claim whose holder went quiet: re-open it, or finish the dispatch it recorded.
+
+    A recorded dispatch means the continuation may already be on its way, so
+    handing the suspension to a new resumer (with another input) could run the
+    flow twice: the same continuation is sent again instead, and a worker
+    drops whichever copy arrives second.
+    """
+    fp = rec.key_hash[:12]
+    try:
+        recorded, value = hub.dispatch_input(rec.key_hash)
+    except PersistenceError as exc:
+        hub._audit("reopen", fp, f"skipped:{type(exc).__name__}")
+        return 0
+    if not recorded:
+        if hub._move(rec, Status.SUSPENDED, due=rec.expires_at, now=now) is not None:
+            hub._audit("reopen", fp, "lease-lapsed")
+            return 1
+        return 0
+    if on_unfinished is None:
+        return 0
+    try:
+        state = hub._open_record(rec, fp)
+        on_unfinished(hub._view(rec, None, state=state), value, hub.delivery_tag(rec.key_hash))
+    except Exception:
+        logger.exception("celery-persist: could not finish the dispatch of suspension %s; retrying later", fp)
+        hub._move(rec, Status.CLAIMED, due=now + retry_after, now=now)
+        hub._audit("finish", fp, "handler-failed")
+        return 1
+    if hub._move(rec, Status.RESUMED, due=now + hub.retention, now=now) is None:
+        return 0
+    hub._audit("resume", fp, "finished-by-cleanup")
     return 1
 
 
@@ -119,14 +164,51 @@ def _rotate_one(hub: PersistenceHub, keyring: Keyring, rec: StoredRecord) -> str
     if bytes(rec.blob[:3]) != KEY_MAGIC:
         return "plaintext"
     try:
-        if keyring.key_id_of(rec.blob) == keyring.active_id:
+        hub._verify(rec)
+        if keyring.key_id_of(rec.blob) == keyring.active_id and hub._seal_of(rec) == rec.seal:
             return "current"
         aad = hub._aad(rec.key_hash, rec.kind, rec.metadata)
         fresh = keyring.encrypt(keyring.decrypt(rec.blob, aad), aad)
-    except EncryptionError:
+    except (EncryptionError, IntegrityError):
         hub._audit("rotate-keys", rec.key_hash[:12], "unreadable")
         return "unreadable"
-    return "rotated" if hub.store.replace_blob(rec.key_hash, rec.blob, fresh, now=hub.clock()) else "raced"
+    # Re-sealed under the active key too, so a retired key is needed for neither.
+    version = rec.version + 1
+    seal = hub._seal_of(rec.replace(blob=fresh), version=version)
+    swapped = hub.store.replace_blob(rec.key_hash, rec.blob, fresh, now=hub.clock(), version=version, seal=seal)
+    return "rotated" if swapped else "raced"
+
+
+def adopt_unsealed(hub: PersistenceHub, *, batch: int = 200) -> int:
+    """Seal the records a release before seals (0.1) wrote; returns how many were adopted.
+
+    Such a record has version 0 and no seal. Its blob must still open with the
+    configured keys (so its state and metadata are genuine); its status and
+    times are taken as they stand, which is why this is an operator's explicit
+    step right after upgrading, not something done on every read.
+    """
+    if not hub._field_keys:
+        return 0
+    adopted = 0
+    cursor: str | None = None
+    while True:
+        page = hub.store.scan(limit=batch, cursor=cursor, with_blob=True)
+        for rec in page.items:
+            if rec.seal or rec.version:
+                continue
+            try:
+                hub._open_record(rec)
+            except PersistenceError:
+                hub._audit("adopt", rec.key_hash[:12], "unreadable")
+                continue
+            seal = hub._seal_of(rec, version=1)
+            if hub.store.transition(rec.key_hash, {rec.status}, rec.status, now=hub.clock(), version=1, seal=seal, expect_version=0):
+                adopted += 1
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    hub._audit("adopt", "-", f"adopted={adopted}")
+    return adopted
 
 
 def stats(hub: PersistenceHub, *, batch: int = 1000) -> dict[str, Any]:

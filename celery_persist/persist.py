@@ -151,8 +151,10 @@ class Persist:
                 state = r.state
                 if state == SUSPENDED:
                     info = r.info
-                    if isinstance(info, dict) and info.get("suspension_key") and not self._spent(str(info["suspension_key"])):
-                        return str(info["suspension_key"])
+                    if isinstance(info, dict) and info.get("suspension_key"):
+                        key = self.hub.unwrap_key(str(info["suspension_key"]))
+                        if not self._spent(key):
+                            return key
                 if state not in ("SUCCESS", "FAILURE", "REVOKED"):
                     all_ready = False
             if all_ready:

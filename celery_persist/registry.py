@@ -25,7 +25,6 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from .config import PersistConfig
-from .crypto import Keyring
 from .hub import PersistenceHub
 from .metrics import PrometheusMetrics
 from .serializer import StateSerializer
@@ -71,7 +70,7 @@ class Binding:
         masked = mask_url(cfg.store_url)
         if masked != cfg.store_url and app.conf.get("persist_store_url") == cfg.store_url:
             app.conf["persist_store_url"] = masked
-        keyring = Keyring.parse(cfg.keys) if cfg.keys and cfg.encryption != "off" else None
+        keyring = cfg.keyring()
         serializer = StateSerializer(cfg.codec, cfg.compression, cfg.compression_threshold, max_size=cfg.max_state_size)
         store = open_store(cfg.store_url, **dict(cfg.store_options))
         hub = PersistenceHub(

@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any
 from celery import shared_task
 
 from . import flow
+from .errors import InvalidKey
+from .hub import WRAPPED_KEY_PREFIX
+from .keys import fingerprint, masked_key
 from .registry import binding_of
 
 if TYPE_CHECKING:
@@ -70,7 +73,16 @@ def await_input(
 
 @shared_task(name="celery_persist.resume", bind=True)
 def resume(self: Task, key: str, input: Any = None) -> str:
-    """Resume by name from any Celery client; returns the continuation's task id."""
+    """Resume by name from any Celery client; returns the continuation's task id.
+
+    Takes the key itself (as ``notify`` delivers it), not the wrapped form the
+    result backend holds: that one resumes only through ``persist.resume`` in
+    a process that has the keys, so a reader of the result backend or of
+    Flower cannot resume a flow by sending this task.
+    """
+    if isinstance(key, str) and key.startswith(WRAPPED_KEY_PREFIX):
+        raise InvalidKey("this is the wrapped key from the result backend: resume it with persist.resume(), or send the key itself")
+    _mask_key_argument(self.request, key)
     result = flow.resume(binding_of(self.app), key, input)
     return str(result.id)
 
@@ -79,3 +91,14 @@ def resume(self: Task, key: str, input: Any = None) -> str:
 def cleanup(self: Task) -> int:
     """Apply timeouts, re-open lapsed leases and prune expired records."""
     return flow.cleanup(binding_of(self.app))
+
+
+def _mask_key_argument(request: Any, key: Any) -> None:
+    """Replace the key in the request's arguments, which a ``result_extended`` backend stores."""
+    if not isinstance(key, str):
+        return
+    masked = masked_key(fingerprint(key))
+    if request.args and request.args[0] == key:
+        request.args = [masked, *list(request.args)[1:]]
+    if isinstance(request.kwargs, dict) and request.kwargs.get("key") == key:
+        request.kwargs = {**request.kwargs, "key": masked}

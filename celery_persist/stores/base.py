@@ -5,9 +5,13 @@ are indexed by :func:`celery_persist.keys.key_hash`), never decrypts, and
 never decides policy: the hub does. What a store must guarantee:
 
 * :meth:`BaseStore.put` is an upsert of one whole record.
-* :meth:`BaseStore.transition` is a compare-and-set on ``status`` that is
-  atomic across processes and hosts. Claim, cancel, complete, expire and
-  re-open are all built from it. Each store's docstring says how.
+* :meth:`BaseStore.transition` is a compare-and-set on ``status`` (and, when
+  asked, on ``version``) that is atomic across processes and hosts. Claim,
+  cancel, complete, expire and re-open are all built from it. Each store's
+  docstring says how.
+* ``version`` and ``seal`` are carried, never interpreted: the hub bumps the
+  one and computes the other; a store stores them, returns them exactly, and
+  compares ``version`` inside its compare-and-set.
 * :meth:`BaseStore.due` walks an index on ``due_at`` so cleanup costs
   O(records due), not O(records stored).
 * :meth:`BaseStore.scan` pages by ``key_hash`` with a cursor: no duplicates,
@@ -37,6 +41,7 @@ __all__ = [
     "Keep",
     "KEEP",
     "batches",
+    "token_changes",
     "dump_metadata",
     "load_metadata",
 ]
@@ -103,6 +108,13 @@ class StoredRecord:
             For ``suspended`` it is ``expires_at``; for ``claimed`` the lease
             deadline; for terminal records the end of their retention.
         updated_at: Last write.
+        version: A counter the hub bumps on every write of the record, and the
+            token of :meth:`BaseStore.transition`'s compare-and-set
+            (``expect_version``). 0 for records written before it existed.
+        seal: The hub's HMAC over the fields that decide behaviour (status,
+            times, version, which blob). Opaque to stores, which store and return
+            it exactly and never compute or check it; hex text, may be empty
+            (records written before it existed).
     """
 
     key_hash: str
@@ -114,6 +126,8 @@ class StoredRecord:
     expires_at: float | None = None
     due_at: float | None = None
     updated_at: float = 0.0
+    version: int = 0
+    seal: str = ""
 
     def replace(self, **changes: Any) -> StoredRecord:
         return dataclasses.replace(self, **changes)
@@ -166,6 +180,17 @@ def batches(records: Iterable[StoredRecord], *, max_records: int, max_bytes: int
             batch, size = [], 0
     if batch:
         yield batch
+
+
+def token_changes(version: int | None, seal: str | None) -> dict[str, Any]:
+    """The ``version`` / ``seal`` changes a write asks for, as :meth:`StoredRecord.replace` keywords
+    (a None leaves that field as it is)."""
+    changes: dict[str, Any] = {}
+    if version is not None:
+        changes["version"] = int(version)
+    if seal is not None:
+        changes["seal"] = str(seal)
+    return changes
 
 
 def dump_metadata(metadata: Mapping[str, Any]) -> str:
@@ -228,8 +253,15 @@ class BaseStore(abc.ABC):
         *,
         due_at: float | None | Keep = KEEP,
         now: float,
+        version: int | None = None,
+        seal: str | None = None,
+        expect_version: int | None = None,
     ) -> bool:
-        """Atomically set ``status = to`` if the current status is in ``expect``.
+        """Atomically set ``status = to`` if the current status is in ``expect``
+        (and the current version is ``expect_version``, when one is given).
+
+        The check and every write happen in one atomic step: of many concurrent
+        callers with the same expectations, exactly one wins.
 
         Args:
             key_hash: The record.
@@ -237,10 +269,15 @@ class BaseStore(abc.ABC):
             to: The new status.
             due_at: New ``due_at`` (``KEEP`` leaves it unchanged).
             now: Stored as ``updated_at``.
+            version: New ``version`` (None leaves it unchanged).
+            seal: New ``seal`` (None leaves it unchanged).
+            expect_version: Move only if the stored ``version`` equals this
+                (None: any version).
 
         Returns:
-            True if this call made the change; False if the record is missing
-            or its status was not in ``expect`` (someone else won).
+            True if this call made the change; False if the record is missing,
+            its status was not in ``expect`` or its version was not
+            ``expect_version`` (someone else won). A False leaves the record as it was.
         """
 
     @abc.abstractmethod
@@ -262,12 +299,28 @@ class BaseStore(abc.ABC):
     def due(self, now: float, limit: int = 100) -> list[StoredRecord]:
         """Up to ``limit`` records with ``due_at <= now``, earliest first, with blobs."""
 
-    def replace_blob(self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float) -> bool:
-        """Swap the blob if it is still ``old_blob`` (key rotation). Default: get + put, not atomic."""
+    def replace_blob(
+        self,
+        key_hash: str,
+        old_blob: bytes,
+        new_blob: bytes,
+        *,
+        now: float,
+        version: int | None = None,
+        seal: str | None = None,
+    ) -> bool:
+        """Swap the blob if it is still ``old_blob`` (key rotation), and set ``version`` /
+        ``seal`` when given (None leaves them unchanged).
+
+        Default: get + put, not atomic; stores override it with a compare-and-set.
+
+        Returns:
+            True if this call swapped the blob.
+        """
         current = self.get(key_hash)
         if current is None or current.blob != old_blob:
             return False
-        self.put(current.replace(blob=new_blob, updated_at=now))
+        self.put(current.replace(blob=new_blob, updated_at=now, **token_changes(version, seal)))
         return True
 
     def health(self) -> dict[str, Any]:

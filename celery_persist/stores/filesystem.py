@@ -15,8 +15,9 @@ Layout under ``<dir>/<prefix>/``::
     locks/ab                  256 striped lock files, one per shard
 
 A record file is ``b"CPR1"``, a 4-byte big-endian header length, a JSON header
-(kind, status, metadata, times, blob size) and the blob bytes; a reader copies
-the blob once, with one ``readall()`` sized from ``fstat``.
+(kind, status, metadata, times, version, seal, blob size; a header written
+before version and seal existed reads as version 0, seal ``""``) and the blob
+bytes; a reader copies the blob once, with one ``readall()`` sized from ``fstat``.
 
 Atomicity: writes go to a temp file in the record's shard directory
 (``O_EXCL``, mode 0600), are ``fsync``-ed, ``os.replace``-d over the record,
@@ -26,8 +27,9 @@ never a torn one, and a crash leaves at worst a stale ``.tmp-*`` file that
 transition, replace_blob) holds its shard's lock, an in-process
 ``threading.Lock`` plus ``fcntl.flock`` on ``locks/<shard>`` opened afresh for
 each operation (a fresh open file description, so threads and forked children
-never share a lock by accident). ``transition()`` reads, checks and rewrites
-the record under that lock, so across processes exactly one caller wins.
+never share a lock by accident). ``transition()`` reads, checks (status, and
+version when asked) and rewrites the record under that lock, so across
+processes exactly one caller wins.
 Readers take no lock: ``rename(2)`` is atomic. A transition rewrites the whole
 file, but copies the blob inside the kernel (``copy_file_range``). The due
 markers a write needs are created (and made durable) before the record is
@@ -37,7 +39,8 @@ extra marker, never a missing one.
 Safety: key hashes must be 64 lowercase hex digits (nothing can name a path
 outside the directory); record and lock files are opened with ``O_NOFOLLOW``
 and the store's own directories must not be symlinks, so a planted symlink is
-refused, not followed.
+refused, not followed. Everything the store creates is private to its user:
+files 0600, directories 0700 (missing parents of the URL's directory too).
 
 Fork: the store keeps no open file or connection between calls; a child
 re-creates its in-process locks (one held by another parent thread at fork
@@ -64,15 +67,16 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError, IntegrityError, StoreUnavailable
-from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord
+from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord, token_changes
+from .drivers import mask_url
 
-__all__ = ["FileStore", "BUCKET_SECONDS"]
+__all__ = ["FileStore", "BUCKET_SECONDS", "make_private_dirs"]
 
 #: Width of a due-index bucket directory, in seconds.
 BUCKET_SECONDS = 900.0
@@ -127,6 +131,40 @@ def decode_time(text: str) -> float:
 def _bucket(due_at: float) -> str:
     start = math.floor(due_at / BUCKET_SECONDS) * BUCKET_SECONDS if math.isfinite(due_at) else due_at
     return encode_time(start)
+
+
+_T = TypeVar("_T")
+
+
+def _checked(value: Any, kind: type[_T]) -> _T:
+    """``value`` if it is a ``kind`` (a bool is not an int here); TypeError otherwise."""
+    if type(value) is not kind:
+        raise TypeError(f"expected {kind.__name__}")
+    return value
+
+
+def make_private_dirs(path: str) -> bool:
+    """Create directory ``path`` and its missing parents, each with mode 0700; True if any was created.
+
+    ``os.makedirs`` gives only the last directory its ``mode``; the parents it creates
+    get 0777 less the umask, which would leave a store's new tree open to others. A
+    directory that exists is left as it is (its owner chose its mode). The SQLite
+    store creates its database's directory with this too.
+
+    Raises:
+        FileExistsError: A file (or a dangling symlink) is in the way.
+    """
+    if os.path.isdir(path):
+        return False
+    parent = os.path.dirname(path.rstrip(os.sep))
+    created = bool(parent) and parent != path and make_private_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return created
+    return True
 
 
 def _fsync_all(fds: list[int]) -> None:
@@ -200,7 +238,7 @@ class _DueMarkers:
             dfd = os.open(path, _OPEN_DIR)
         except FileNotFoundError:
             try:
-                os.makedirs(self.path, mode=0o700, exist_ok=True)
+                make_private_dirs(self.path)
                 os.mkdir(path, 0o700)
             except FileExistsError:
                 pass
@@ -280,7 +318,7 @@ class FileStore(BaseStore):
             raise ConfigurationError(f"file store URL {url!r} needs an absolute path: file:///absolute/dir")
         if prefix and (not _PREFIX_OPTION.fullmatch(prefix) or prefix in (".", "..")):
             raise ConfigurationError(f"file store prefix {prefix!r} must be one path component of [A-Za-z0-9._-]")
-        self.name = url
+        self.name = mask_url(url)
         self._prefix = prefix
         self.root = os.path.join(os.path.normpath(path), prefix) if prefix else os.path.normpath(path)
         self._records = os.path.join(self.root, "records")
@@ -340,12 +378,10 @@ class FileStore(BaseStore):
             owned.insert(0, self.root)
         created = False
         for path in [self.root, *owned]:
-            if not os.path.isdir(path):
-                try:
-                    os.makedirs(path, mode=0o700)
-                    created = True
-                except FileExistsError:
-                    pass  # a file or dangling symlink is in the way; the check below names it
+            try:
+                created |= make_private_dirs(path)  # 0700, parents the store creates included
+            except FileExistsError:
+                pass  # a file or dangling symlink is in the way; the check below names it
         for path in owned:
             if not stat.S_ISDIR(os.lstat(path).st_mode):
                 raise ConfigurationError(f"file store path {path!r} exists and is not a directory (symlinks are refused)", store=self.name)
@@ -386,6 +422,8 @@ class FileStore(BaseStore):
             "expires_at": record.expires_at,
             "due_at": record.due_at,
             "updated_at": record.updated_at,
+            "version": record.version,
+            "seal": record.seal,
             "blob_size": blob_size,
         }
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -422,6 +460,9 @@ class FileStore(BaseStore):
                 expires_at=header["expires_at"],
                 due_at=header["due_at"],
                 updated_at=header["updated_at"],
+                # Absent from files written before records carried them.
+                version=_checked(header.get("version", 0), int),
+                seal=_checked(header.get("seal", ""), str),
             )
         except (KeyError, ValueError, TypeError):
             raise IntegrityError("record file header is incomplete", store=self.name) from None
@@ -635,11 +676,30 @@ class FileStore(BaseStore):
         *,
         due_at: float | None | Keep = KEEP,
         now: float,
+        version: int | None = None,
+        seal: str | None = None,
+        expect_version: int | None = None,
     ) -> bool:
         self._check_key(key_hash)
-        return self._rewrite(key_hash, lambda rec: rec.status in expect, to=to, due_at=due_at, now=now)
+        changes: dict[str, Any] = {"status": to, "updated_at": now, **token_changes(version, seal)}
+        if not isinstance(due_at, Keep):
+            changes["due_at"] = due_at
+        return self._rewrite(
+            key_hash,
+            lambda rec: rec.status in expect and (expect_version is None or rec.version == expect_version),
+            changes,
+        )
 
-    def replace_blob(self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float) -> bool:
+    def replace_blob(
+        self,
+        key_hash: str,
+        old_blob: bytes,
+        new_blob: bytes,
+        *,
+        now: float,
+        version: int | None = None,
+        seal: str | None = None,
+    ) -> bool:
         self._check_key(key_hash)
         with self._shard_for_update(key_hash) as dfd:
             if dfd is None:
@@ -647,13 +707,14 @@ class FileStore(BaseStore):
             current = self._read(key_hash, with_blob=True, dir_fd=dfd)
             if current is None or current.blob != old_blob:
                 return False
-            new = current.replace(blob=new_blob, updated_at=now)
+            new = current.replace(blob=new_blob, updated_at=now, **token_changes(version, seal))
             tmp = self._write(dfd, key_hash, [self._header(new, len(new_blob)), new_blob])
             self._commit(dfd, tmp, key_hash)
             os.fsync(dfd)
             return True
 
-    def _rewrite(self, key_hash: str, allowed: Any, *, to: Status, due_at: float | None | Keep, now: float) -> bool:
+    def _rewrite(self, key_hash: str, allowed: Callable[[StoredRecord], bool], changes: dict[str, Any]) -> bool:
+        """Under the shard lock: if ``allowed(record)``, rewrite its header with ``changes`` (blob copied in the kernel)."""
         with self._shard_for_update(key_hash) as dfd:
             if dfd is None:
                 return False
@@ -665,14 +726,13 @@ class FileStore(BaseStore):
                 current = self._record(header, b"")
                 if not allowed(current):
                     return False
-                new_due = current.due_at if isinstance(due_at, Keep) else due_at
-                new = current.replace(status=to, due_at=new_due, updated_at=now)
+                new = current.replace(**changes)
                 size = int(header["blob_size"])
-                self._markers.add(_DueMarkers.needed(current.due_at, new_due, key_hash))
+                self._markers.add(_DueMarkers.needed(current.due_at, new.due_at, key_hash))
                 tmp = self._write(dfd, key_hash, [self._header(new, size)], (f.fileno(), offset, size))
             self._commit(dfd, tmp, key_hash)
             os.fsync(dfd)
-            self._markers.remove(current.due_at, key_hash, keep=new_due)
+            self._markers.remove(current.due_at, key_hash, keep=new.due_at)
             return True
 
     @contextlib.contextmanager

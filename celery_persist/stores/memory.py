@@ -3,8 +3,9 @@
 URL: ``memory://`` (every open gets a fresh, private store) or ``memory://NAME``
 (stores opened with the same name and ``prefix`` in one process share records).
 Options: ``prefix``.
-Atomicity: one lock around every operation; claims are atomic between threads
-of one process only, so it is not for real deployments.
+Atomicity: one lock around every operation (a transition's status and version
+checks and its writes included); claims are atomic between threads of one
+process only, so it is not for real deployments.
 Fork: a child gets a copy of the records and its own lock; nothing is shared.
 Tested: in-process only.
 """
@@ -17,7 +18,8 @@ import threading
 from collections.abc import Collection
 from typing import ClassVar
 
-from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord, dump_metadata, load_metadata
+from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord, dump_metadata, load_metadata, token_changes
+from .drivers import mask_url
 
 __all__ = ["MemoryStore"]
 
@@ -52,7 +54,7 @@ class MemoryStore(BaseStore):
         name = url.partition("://")[2].strip("/")
         if name and prefix:
             name = f"{name}/{prefix}"
-        self.name = url if name else "memory://"
+        self.name = mask_url(url) if name else "memory://"
         if name:
             with _NAMED_LOCK:
                 shelf = _NAMED.setdefault(name, _Shelf())
@@ -87,22 +89,34 @@ class MemoryStore(BaseStore):
         *,
         due_at: float | None | Keep = KEEP,
         now: float,
+        version: int | None = None,
+        seal: str | None = None,
+        expect_version: int | None = None,
     ) -> bool:
         with self._lock:
             rec = self._records.get(key_hash)
-            if rec is None or rec.status not in expect:
+            if rec is None or rec.status not in expect or (expect_version is not None and rec.version != expect_version):
                 return False
-            new = rec.replace(status=to, updated_at=now, due_at=rec.due_at if due_at is KEEP else due_at)
+            new = rec.replace(status=to, updated_at=now, due_at=rec.due_at if due_at is KEEP else due_at, **token_changes(version, seal))
             self._records[key_hash] = new
             self._index(new)
             return True
 
-    def replace_blob(self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float) -> bool:
+    def replace_blob(
+        self,
+        key_hash: str,
+        old_blob: bytes,
+        new_blob: bytes,
+        *,
+        now: float,
+        version: int | None = None,
+        seal: str | None = None,
+    ) -> bool:
         with self._lock:
             rec = self._records.get(key_hash)
             if rec is None or rec.blob != old_blob:
                 return False
-            self._records[key_hash] = rec.replace(blob=new_blob, updated_at=now)
+            self._records[key_hash] = rec.replace(blob=new_blob, updated_at=now, **token_changes(version, seal))
             return True
 
     def scan(

@@ -28,6 +28,8 @@ Layout: one document per record in ``<prefix>records``::
     {_id: key_hash, kind, status, metadata: canonical JSON text, digest: sha256 of the blob,
      created_at, expires_at, updated_at: double (expires_at null when None),
      due_at: double (absent when None),
+     version: int, seal: string                     -- absent in documents written before
+                                                       they existed: read as 0 and ""
      blob: binary                                   -- blobs up to inline_limit
      gen, nchunks, size                             -- larger blobs, see below}
 
@@ -44,9 +46,9 @@ index), so :meth:`due` costs O(due records); chunks by ``(rec, gen, n)``.
 MongoDB's TTL monitor is not used: expiry has side effects that cleanup must run.
 
 Atomicity:
-    ``transition()`` is one ``find_one_and_update({_id, status: {$in: expect}},
-    {$set: ...})``: MongoDB applies it to the document atomically, so of many
-    concurrent callers exactly one matches. ``replace_blob()`` is the same
+    ``transition()`` is one ``find_one_and_update({_id, status: {$in: expect}
+    [, version: expect_version]}, {$set: ...})``: MongoDB applies it to the
+    document atomically, so of many concurrent callers exactly one matches. ``replace_blob()`` is the same
     compare-and-set on ``digest`` (the SHA-256 of the blob), after writing new
     chunks if the blob needs them. ``put()`` replaces the whole document in one
     write; ``put_many()`` sends one ``bulk_write`` per 1,000 records or 32 MiB.
@@ -75,7 +77,7 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..errors import ConfigurationError, StoreUnavailable
-from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord, batches, dump_metadata, load_metadata
+from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord, batches, dump_metadata, load_metadata, token_changes
 from .drivers import mask_url, require
 
 __all__ = ["MongoStore"]
@@ -103,6 +105,8 @@ _LISTING_FIELDS = {
     "expires_at": 1,
     "due_at": 1,
     "updated_at": 1,
+    "version": 1,
+    "seal": 1,
 }
 
 
@@ -220,6 +224,8 @@ class MongoStore(BaseStore):
             "created_at": float(record.created_at),
             "expires_at": None if record.expires_at is None else float(record.expires_at),
             "updated_at": float(record.updated_at),
+            "version": int(record.version),
+            "seal": str(record.seal),
         }
         if record.due_at is not None:
             doc["due_at"] = float(record.due_at)
@@ -258,6 +264,8 @@ class MongoStore(BaseStore):
             expires_at=None if expires_at is None else float(expires_at),
             due_at=None if due_at is None else float(due_at),
             updated_at=float(doc["updated_at"]),
+            version=int(doc.get("version", 0)),
+            seal=str(doc.get("seal", "")),
         )
 
     def _blob(self, chunks: Any, doc: Mapping[str, Any]) -> bytes | None:
@@ -357,26 +365,40 @@ class MongoStore(BaseStore):
         *,
         due_at: float | None | Keep = KEEP,
         now: float,
+        version: int | None = None,
+        seal: str | None = None,
+        expect_version: int | None = None,
     ) -> bool:
-        update: dict[str, Any] = {"$set": {"status": to.value, "updated_at": float(now)}}
+        update: dict[str, Any] = {"$set": {"status": to.value, "updated_at": float(now), **token_changes(version, seal)}}
         if due_at is None:
             update["$unset"] = {"due_at": ""}
         elif not isinstance(due_at, Keep):
             update["$set"]["due_at"] = float(due_at)
+        match: dict[str, Any] = {"_id": key_hash, "status": {"$in": [Status(s).value for s in expect]}}
+        if expect_version is not None:
+            # A document written before versions existed has none: it is version 0.
+            match["version"] = {"$in": [int(expect_version), None]} if expect_version == 0 else int(expect_version)
         with self._errors():
             records, _ = self._collections()
-            doc = records.find_one_and_update(
-                {"_id": key_hash, "status": {"$in": [Status(s).value for s in expect]}},
-                update,
-                projection={"_id": 1},
-            )
+            doc = records.find_one_and_update(match, update, projection={"_id": 1})
         return doc is not None
 
-    def replace_blob(self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float) -> bool:
+    def replace_blob(
+        self,
+        key_hash: str,
+        old_blob: bytes,
+        new_blob: bytes,
+        *,
+        now: float,
+        version: int | None = None,
+        seal: str | None = None,
+    ) -> bool:
         with self._errors():
             records, chunks = self._collections()
             gen = self._write_chunks(chunks, key_hash, new_blob) if len(new_blob) > self._inline_limit else None
-            update: dict[str, Any] = {"$set": {"digest": hashlib.sha256(new_blob).hexdigest(), "updated_at": float(now)}}
+            update: dict[str, Any] = {
+                "$set": {"digest": hashlib.sha256(new_blob).hexdigest(), "updated_at": float(now), **token_changes(version, seal)}
+            }
             if gen is None:
                 update["$set"]["blob"] = new_blob
                 update["$unset"] = {"gen": "", "nchunks": "", "size": ""}

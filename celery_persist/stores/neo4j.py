@@ -20,14 +20,17 @@ Options:
 Graph model (Cypher 5)::
 
     (:Suspension {ns, key_hash, kind, status, meta, digest, created_at,
-                  expires_at, due_at, updated_at, blob | gen + nchunks + size})
+                  expires_at, due_at, updated_at, version, seal,
+                  blob | gen + nchunks + size})
     (:SuspensionChunk {ns, key_hash, gen, i, data})
 
 One ``:Suspension`` node per record (checkpoints included; ``kind`` tells
 them apart), labels fixed and the namespace in ``ns``, so the schema is the
 same few indexes whatever the number of prefixes. ``meta`` is the canonical
 JSON text of the metadata (exact round trip); times are float properties, a
-None is an absent property; ``digest`` is the SHA-256 of the blob. A blob of
+None is an absent property; ``digest`` is the SHA-256 of the blob. A node
+written before ``version`` and ``seal`` existed has neither: it reads as
+version 0 and seal ``""``, and compares as version 0. A blob of
 up to ``chunk_size`` bytes is the node's ``blob`` property. A larger one is
 cut into ``:SuspensionChunk`` nodes of generation ``gen``; chunk nodes are
 joined by ``(ns, key_hash, gen)`` rather than by relationships, so they can
@@ -46,7 +49,8 @@ Atomicity:
     Every operation is one explicit transaction (``session.begin_transaction()``).
     ``transition()`` first runs ``SET n._lock = true``: that takes the node's
     write lock, held to commit. Only then, in a second statement, does it read
-    ``status``, compare it with ``expect``, write and ``REMOVE n._lock``.
+    ``status`` (and ``version``), compare them with ``expect`` (and
+    ``expect_version``), write and ``REMOVE n._lock``.
     Neo4j reads at read-committed isolation, so a plain check-then-set could
     have two transactions read the same old status and both "win"; with the
     lock taken before the read, the second one waits and then sees the first
@@ -122,7 +126,7 @@ _ORPHANS: list[Any] = []
 _COLUMNS = (
     "n.key_hash AS key_hash, n.kind AS kind, n.status AS status, n.meta AS meta, "
     "n.created_at AS created_at, n.expires_at AS expires_at, n.due_at AS due_at, "
-    "n.updated_at AS updated_at, n.nchunks AS nchunks, n.size AS size"
+    "n.updated_at AS updated_at, n.version AS version, n.seal AS seal, n.nchunks AS nchunks, n.size AS size"
 )
 _BLOB_COLUMNS = ", n.blob AS blob, n.gen AS gen"
 _GET = f"MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) RETURN " + _COLUMNS + _BLOB_COLUMNS
@@ -139,7 +143,8 @@ _UPSERT = (
     "WITH n, r, n.gen AS old "
     "SET n.kind = r.kind, n.status = r.status, n.meta = r.meta, n.digest = r.digest, "
     "n.created_at = r.created_at, n.expires_at = r.expires_at, n.due_at = r.due_at, "
-    "n.updated_at = r.updated_at, n.blob = r.blob, n.gen = r.gen, n.nchunks = r.nchunks, n.size = r.size "
+    "n.updated_at = r.updated_at, n.version = r.version, n.seal = r.seal, "
+    "n.blob = r.blob, n.gen = r.gen, n.nchunks = r.nchunks, n.size = r.size "
     "RETURN r.key_hash AS key_hash, old"
 )
 _WRITE_CHUNKS = f"UNWIND $chunks AS c CREATE (:{CHUNK} {{ns: $ns, key_hash: $key, gen: $gen, i: c.i, data: c.data}})"
@@ -150,8 +155,8 @@ _DELETE = (
 _LOCK = f"MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) SET n._lock = true RETURN count(n) AS found"
 _TRANSITION = (
     f"MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) "
-    "WITH n, n.status IN $expect AS ok "
-    "FOREACH (_ IN CASE WHEN ok THEN [1] ELSE [] END | SET n.status = $to, n.updated_at = $now{due}) "
+    "WITH n, n.status IN $expect{version_check} AS ok "
+    "FOREACH (_ IN CASE WHEN ok THEN [1] ELSE [] END | SET n.status = $to, n.updated_at = $now{due}{token}) "
     "REMOVE n._lock "
     "RETURN ok"
 )
@@ -160,7 +165,7 @@ _REPLACE_BLOB = (
     "WITH n, n.digest = $old AS ok, n.gen AS oldgen "
     "FOREACH (_ IN CASE WHEN ok THEN [1] ELSE [] END | "
     "SET n.blob = $blob, n.gen = $gen, n.nchunks = $nchunks, n.size = $size, n.digest = $digest, "
-    "n.updated_at = $now) "
+    "n.updated_at = $now{token}) "
     "REMOVE n._lock "
     "RETURN ok, oldgen"
 )
@@ -178,6 +183,18 @@ _FALKORDB_INDEXES = ((RECORD, "key_hash"), (RECORD, "due_at"), (CHUNK, "key_hash
 
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _set_token(params: dict[str, Any], version: int | None, seal: str | None) -> str:
+    """The ``SET`` items for a new ``version`` / ``seal`` (None: unchanged); adds their parameters."""
+    items = ""
+    if version is not None:
+        params["version"] = int(version)
+        items += ", n.version = $version"
+    if seal is not None:
+        params["seal"] = str(seal)
+        items += ", n.seal = $seal"
+    return items
 
 
 class Neo4jStore(BaseStore):
@@ -367,6 +384,8 @@ class Neo4jStore(BaseStore):
             "expires_at": _float(record.expires_at),
             "due_at": _float(record.due_at),
             "updated_at": float(record.updated_at),
+            "version": int(record.version),
+            "seal": str(record.seal),
             "blob": None if chunked else record.blob,
             "gen": gen,
             "nchunks": self._count_chunks(len(record.blob)) if chunked else 0,
@@ -387,6 +406,8 @@ class Neo4jStore(BaseStore):
             expires_at=_float(row["expires_at"]),
             due_at=_float(row["due_at"]),
             updated_at=float(row["updated_at"]),
+            version=int(row["version"] or 0),
+            seal=str(row["seal"] or ""),
         )
 
     def _read_records(self, tx: Any, rows: Sequence[Any]) -> list[StoredRecord | None]:
@@ -498,6 +519,9 @@ class Neo4jStore(BaseStore):
         *,
         due_at: float | None | Keep = KEEP,
         now: float,
+        version: int | None = None,
+        seal: str | None = None,
+        expect_version: int | None = None,
     ) -> bool:
         expected = [Status(s).value for s in expect]
         if not expected:
@@ -509,42 +533,52 @@ class Neo4jStore(BaseStore):
             "to": Status(to).value,
             "now": float(now),
         }
+        statement = _TRANSITION.replace("{token}", _set_token(params, version, seal))
         if isinstance(due_at, Keep):
-            statement = _TRANSITION.replace("{due}", "")
+            statement = statement.replace("{due}", "")
         else:
-            statement = _TRANSITION.replace("{due}", ", n.due_at = $due")
+            statement = statement.replace("{due}", ", n.due_at = $due")
             params["due"] = _float(due_at)
+        if expect_version is None:
+            statement = statement.replace("{version_check}", "")
+        else:
+            # A node written before versions existed has none: it is version 0.
+            statement = statement.replace("{version_check}", " AND coalesce(n.version, 0) = $expect_version")
+            params["expect_version"] = int(expect_version)
         with self._transaction(write=True) as tx:
             if not self._lock_node(tx, key_hash):
                 return False
             rows = self._run(tx, statement, params)
         return bool(rows and rows[0]["ok"])
 
-    def replace_blob(self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float) -> bool:
+    def replace_blob(
+        self,
+        key_hash: str,
+        old_blob: bytes,
+        new_blob: bytes,
+        *,
+        now: float,
+        version: int | None = None,
+        seal: str | None = None,
+    ) -> bool:
         gen = secrets.token_hex(8) if len(new_blob) > self.chunk_size else None
+        params: dict[str, Any] = {
+            "ns": self._prefix,
+            "key": key_hash,
+            "old": hashlib.sha256(old_blob).hexdigest(),
+            "blob": None if gen else new_blob,
+            "gen": gen,
+            "nchunks": self._count_chunks(len(new_blob)) if gen else 0,
+            "size": len(new_blob),
+            "digest": hashlib.sha256(new_blob).hexdigest(),
+            "now": float(now),
+        }
+        statement = _REPLACE_BLOB.replace("{token}", _set_token(params, version, seal))
         with self._transaction(write=True) as tx:
             if gen is not None:
                 self._write_chunks(tx, key_hash, gen, new_blob)
             found = self._lock_node(tx, key_hash)
-            rows = (
-                self._run(
-                    tx,
-                    _REPLACE_BLOB,
-                    {
-                        "ns": self._prefix,
-                        "key": key_hash,
-                        "old": hashlib.sha256(old_blob).hexdigest(),
-                        "blob": None if gen else new_blob,
-                        "gen": gen,
-                        "nchunks": self._count_chunks(len(new_blob)) if gen else 0,
-                        "size": len(new_blob),
-                        "digest": hashlib.sha256(new_blob).hexdigest(),
-                        "now": float(now),
-                    },
-                )
-                if found
-                else []
-            )
+            rows = self._run(tx, statement, params) if found else []
             swapped = bool(rows and rows[0]["ok"])
             if swapped and rows[0]["oldgen"]:
                 self._drop_generations(tx, [(key_hash, rows[0]["oldgen"])])

@@ -37,7 +37,9 @@ Layout (``P`` = prefix; every key carries the hash tag ``{P}``)::
 
     {P}:r:<key_hash>   hash: kind, status, meta (canonical JSON), created_at,
                        updated_at, expires_at, due_at (absent when None; floats
-                       as ``repr`` strings, so float64 round-trips exactly), op
+                       as ``repr`` strings, so float64 round-trips exactly),
+                       version (decimal), seal (absent in records written before
+                       they existed: read as 0 and ""), op
     {P}:b:<key_hash>   string: the blob (a key of its own: SET keeps the received
                        buffer where HSET copies it, and listings never touch it)
     {P}:due            sorted set, score due_at: the due index (absent when None)
@@ -55,8 +57,9 @@ duplicated; a filtered page costs O(page), however few records match.
 
 Atomicity:
     ``transition()`` is one Lua script (EVALSHA, re-sent with SCRIPT LOAD on
-    NOSCRIPT): it checks ``status`` against ``expect`` and sets status,
-    updated_at, due_at and both indexes in one step; Redis runs scripts one at
+    NOSCRIPT): it checks ``status`` against ``expect`` (and ``version``
+    against ``expect_version``) and sets status, updated_at, due_at, version,
+    seal and both indexes in one step; Redis runs scripts one at
     a time, so exactly one concurrent caller wins. ``replace_blob()`` is a Lua
     script too. ``put()`` / ``put_many()`` send MULTI, one EVAL of a batch
     script (up to 250 records: hash, indexes, and blobs up to 64 KiB), a SET
@@ -115,12 +118,12 @@ _INLINE_BLOB = 64 * 1024
 _ALL_PAIRS = tuple(f"{k.value}:{s.value}:" for k in Kind for s in Status)
 
 # Batch upsert. KEYS: all, due, ix, then (record, blob) per record.
-# ARGV, 10 per record: key_hash, kind, status, meta, created_at, updated_at,
-# expires_at ('' = None), due_at ('' = None), inline ('1' = blob follows), blob.
+# ARGV, 12 per record: key_hash, kind, status, meta, created_at, updated_at,
+# expires_at ('' = None), due_at ('' = None), version, seal, inline ('1' = blob follows), blob.
 _PUT = """
 local n = (#KEYS - 3) / 2
 for i = 0, n - 1 do
-  local a = i * 10
+  local a = i * 12
   local rec, kh, kind, status = KEYS[4 + 2 * i], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local old = redis.call('HMGET', rec, 'kind', 'status')
   if old[1] and old[2] then
@@ -128,7 +131,8 @@ for i = 0, n - 1 do
   end
   redis.call('DEL', rec)
   redis.call('HSET', rec, 'kind', kind, 'status', status, 'meta', ARGV[a + 4],
-             'created_at', ARGV[a + 5], 'updated_at', ARGV[a + 6])
+             'created_at', ARGV[a + 5], 'updated_at', ARGV[a + 6],
+             'version', ARGV[a + 9], 'seal', ARGV[a + 10])
   if ARGV[a + 7] ~= '' then redis.call('HSET', rec, 'expires_at', ARGV[a + 7]) end
   if ARGV[a + 8] ~= '' then
     redis.call('HSET', rec, 'due_at', ARGV[a + 8])
@@ -138,23 +142,29 @@ for i = 0, n - 1 do
   end
   redis.call('ZADD', KEYS[1], 0, kh)
   redis.call('ZADD', KEYS[3], 0, kind .. ':' .. status .. ':' .. kh)
-  if ARGV[a + 9] == '1' then redis.call('SET', KEYS[5 + 2 * i], ARGV[a + 10]) end
+  if ARGV[a + 11] == '1' then redis.call('SET', KEYS[5 + 2 * i], ARGV[a + 12]) end
 end
 return n
 """
 
-# Compare-and-set on status. KEYS: record, due, ix.
-# ARGV: key_hash, to, due mode (k = keep, n = none, s = set), due_at, now, token, expect...
+# Compare-and-set on status (and version). KEYS: record, due, ix.
+# ARGV: key_hash, to, due mode (k = keep, n = none, s = set), due_at, now, token,
+# new version ('' = keep), seal mode (k = keep, s = set), seal, expected version ('' = any), expect...
+# The token check comes first: a re-sent call whose first attempt won (and so moved
+# the version on) must answer 1 again, not fail its own version check.
 _TRANSITION = """
-local cur = redis.call('HMGET', KEYS[1], 'kind', 'status', 'op')
+local cur = redis.call('HMGET', KEYS[1], 'kind', 'status', 'op', 'version')
 if not cur[2] then return 0 end
 if cur[3] == ARGV[6] then return 1 end
+if ARGV[10] ~= '' and (cur[4] or '0') ~= ARGV[10] then return 0 end
 local allowed = false
-for i = 7, #ARGV do
+for i = 11, #ARGV do
   if ARGV[i] == cur[2] then allowed = true break end
 end
 if not allowed then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'updated_at', ARGV[5], 'op', ARGV[6])
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'version', ARGV[7]) end
+if ARGV[8] == 's' then redis.call('HSET', KEYS[1], 'seal', ARGV[9]) end
 if ARGV[3] == 's' then
   redis.call('HSET', KEYS[1], 'due_at', ARGV[4])
   redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
@@ -169,7 +179,8 @@ end
 return 1
 """
 
-# Swap the blob if unchanged. KEYS: record, blob. ARGV: old, new, now, token.
+# Swap the blob if unchanged. KEYS: record, blob.
+# ARGV: old, new, now, token, new version ('' = keep), seal mode (k = keep, s = set), seal.
 _REPLACE_BLOB = """
 local cur = redis.call('HMGET', KEYS[1], 'status', 'op')
 if not cur[1] then return 0 end
@@ -177,6 +188,8 @@ if cur[2] == ARGV[4] then return 1 end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[3], 'op', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'version', ARGV[5]) end
+if ARGV[6] == 's' then redis.call('HSET', KEYS[1], 'seal', ARGV[7]) end
 return 1
 """
 
@@ -193,6 +206,11 @@ class _Conn:
 
 def _opt_float(value: bytes | None) -> float | None:
     return None if value is None else float(value)
+
+
+def _token_args(version: int | None, seal: str | None) -> tuple[str, str, str]:
+    """The scripts' (new version, seal mode, seal) arguments; '' and 'k' leave them unchanged."""
+    return ("" if version is None else str(int(version)), "k" if seal is None else "s", seal or "")
 
 
 class RedisStore(BaseStore):
@@ -418,6 +436,8 @@ class RedisStore(BaseStore):
                         repr(float(rec.updated_at)),
                         "" if rec.expires_at is None else repr(float(rec.expires_at)),
                         "" if rec.due_at is None else repr(float(rec.due_at)),
+                        str(int(rec.version)),
+                        rec.seal,
                         "1" if inline else "0",
                         rec.blob if inline else "",
                     )
@@ -453,6 +473,9 @@ class RedisStore(BaseStore):
         *,
         due_at: float | None | Keep = KEEP,
         now: float,
+        version: int | None = None,
+        seal: str | None = None,
+        expect_version: int | None = None,
     ) -> bool:
         if not expect:
             return False
@@ -464,19 +487,38 @@ class RedisStore(BaseStore):
             mode, due = "s", repr(float(due_at))
         # The token makes a re-sent call (reply lost, redis-py retried) answer like the first.
         token = secrets.token_hex(8)
-        args = [key_hash, Status(to).value, mode, due, repr(float(now)), token, *(Status(s).value for s in expect)]
+        args = [
+            key_hash,
+            Status(to).value,
+            mode,
+            due,
+            repr(float(now)),
+            token,
+            *_token_args(version, seal),
+            "" if expect_version is None else str(int(expect_version)),
+            *(Status(s).value for s in expect),
+        ]
         with self._errors():
             conn = self._connection()
             won = conn.transition(keys=[self._k_rec + key_hash, self._k_due, self._k_ix], args=args)
         return bool(won == 1)
 
-    def replace_blob(self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float) -> bool:
+    def replace_blob(
+        self,
+        key_hash: str,
+        old_blob: bytes,
+        new_blob: bytes,
+        *,
+        now: float,
+        version: int | None = None,
+        seal: str | None = None,
+    ) -> bool:
         token = secrets.token_hex(8)
         with self._errors():
             conn = self._connection()
             swapped = conn.replace_blob(
                 keys=[self._k_rec + key_hash, self._k_blob + key_hash],
-                args=[old_blob, new_blob, repr(float(now)), token],
+                args=[old_blob, new_blob, repr(float(now)), token, *_token_args(version, seal)],
             )
         return bool(swapped == 1)
 
@@ -572,6 +614,8 @@ class RedisStore(BaseStore):
             expires_at=_opt_float(fields.get(b"expires_at")),
             due_at=_opt_float(fields.get(b"due_at")),
             updated_at=float(fields[b"updated_at"]),
+            version=int(fields.get(b"version", b"0")),
+            seal=fields.get(b"seal", b"").decode(),
         )
 
     def due(self, now: float, limit: int = 100) -> list[StoredRecord]:

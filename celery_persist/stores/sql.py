@@ -2,8 +2,10 @@
 
 URLs:
     ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` (the
-    embedded default; the parent directory is created; in-memory SQLite is
-    refused, use ``memory://``).
+    embedded default; in-memory SQLite is refused, use ``memory://``). A
+    missing parent directory is created with mode 0700 and a missing database
+    file with mode 0600, before SQLite opens it, so its ``-wal``, ``-shm`` and
+    ``-journal`` files (which SQLite gives the database's mode) are private too.
     ``postgresql://user:pass@host:5432/db`` (also ``postgres://``): psycopg 3
     (``postgresql+psycopg``) when it is installed, else psycopg2. psycopg 3
     sends ``bytea`` in binary, and reads that ask for it (statements with the
@@ -33,8 +35,8 @@ runs the migrations under a lock (PostgreSQL advisory lock, MySQL
 at once and later releases upgrade existing tables.
 
 Atomicity: :meth:`SQLStore.transition` is one ``UPDATE ... SET status = :to
-WHERE key_hash = :k AND status IN (:expect)`` on the records table and wins
-iff one row changed. Row locks make it atomic on PostgreSQL (READ COMMITTED
+(, version = :v, seal = :s) WHERE key_hash = :k AND status IN (:expect) (AND
+version = :expect_version)`` on the records table and wins iff one row changed. Row locks make it atomic on PostgreSQL (READ COMMITTED
 re-checks the WHERE clause on the row it waited for) and InnoDB (an UPDATE
 reads the latest committed row); the MySQL dialects count matched rows
 (``CLIENT.FOUND_ROWS``). SQLite runs every write transaction as ``BEGIN
@@ -46,7 +48,8 @@ so they cannot deadlock each other. :meth:`SQLStore.replace_blob` locks the
 record row (``SELECT ... FOR UPDATE``), then runs ``UPDATE blobs ... WHERE
 <stored blob is old_blob>``: SQLite and PostgreSQL compare the bytes; MySQL
 compares ``SHA2(blob, 256)``, computed by the server, with the digest of the
-old blob, which PyMySQL would otherwise send hex-encoded.
+old blob, which PyMySQL would otherwise send hex-encoded; the record row's
+``updated_at``, ``version`` and ``seal`` are set in the same transaction.
 
 Transactions: PostgreSQL runs in autocommit, as every operation except
 :meth:`SQLStore.put_many`, :meth:`SQLStore.replace_blob` and
@@ -85,7 +88,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
 
 from ..errors import ConfigurationError, PersistenceError, StoreUnavailable
-from .base import KEEP, BaseStore, Keep, Kind, Page, Status, StoredRecord, dump_metadata, load_metadata
+from .base import KEEP, BaseStore, Keep, Kind, Page, Status, StoredRecord, dump_metadata, load_metadata, token_changes
 from .sql_engine import SQLTarget
 from .sql_migrations import MIGRATIONS, MYSQL, Schema
 
@@ -296,6 +299,8 @@ class SQLStore(BaseStore):
             "expires_at": record.expires_at,
             "due_at": record.due_at,
             "updated_at": record.updated_at,
+            "version": record.version,
+            "seal": record.seal,
         }
 
     @staticmethod
@@ -313,6 +318,8 @@ class SQLStore(BaseStore):
             expires_at=m["expires_at"],
             due_at=m["due_at"],
             updated_at=m["updated_at"],
+            version=int(m["version"]),
+            seal=m["seal"],
         )
 
     def _select(self, *, with_blob: bool) -> sa.Select[Any]:
@@ -415,18 +422,32 @@ class SQLStore(BaseStore):
         *,
         due_at: float | None | Keep = KEEP,
         now: float,
+        version: int | None = None,
+        seal: str | None = None,
+        expect_version: int | None = None,
     ) -> bool:
         if not expect:
             return False
         t = self.table
-        values: dict[str, Any] = {"status": str(to), "updated_at": now}
+        values: dict[str, Any] = {"status": str(to), "updated_at": now, **token_changes(version, seal)}
         if not isinstance(due_at, Keep):
             values["due_at"] = due_at
-        stmt = sa.update(t).where(t.c.key_hash == key_hash, t.c.status.in_(sorted(str(s) for s in expect))).values(**values)
+        where = [t.c.key_hash == key_hash, t.c.status.in_(sorted(str(s) for s in expect))]
+        if expect_version is not None:
+            where.append(t.c.version == int(expect_version))
         with self._connect(write=True) as conn:
-            return conn.execute(stmt).rowcount == 1
+            return conn.execute(sa.update(t).where(*where).values(**values)).rowcount == 1
 
-    def replace_blob(self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float) -> bool:
+    def replace_blob(
+        self,
+        key_hash: str,
+        old_blob: bytes,
+        new_blob: bytes,
+        *,
+        now: float,
+        version: int | None = None,
+        seal: str | None = None,
+    ) -> bool:
         t, b = self.table, self.blobs
         if self.dialect in MYSQL:
             # PyMySQL sends bytes as hex: comparing with old_blob would send 40 MB for
@@ -446,7 +467,7 @@ class SQLStore(BaseStore):
                 return False
             if conn.execute(sa.update(b).where(b.c.key_hash == key_hash, same).values(blob=new_blob)).rowcount != 1:
                 return False
-            conn.execute(sa.update(t).where(t.c.key_hash == key_hash).values(updated_at=now))
+            conn.execute(sa.update(t).where(t.c.key_hash == key_hash).values(updated_at=now, **token_changes(version, seal)))
             return True
 
     def scan(

@@ -4,8 +4,9 @@
 opened: ``postgres`` is ``postgresql``; PostgreSQL gets psycopg 3 when it is installed,
 else psycopg2; MySQL and MariaDB get PyMySQL and ``utf8mb4``; in-memory SQLite is
 refused. :meth:`SQLTarget.create_engine` builds the engine, in the process that will
-use it: SQLite in WAL mode with ``BEGIN IMMEDIATE`` for writers, PostgreSQL in
-autocommit, psycopg 3 reading ``bytea`` in binary where a statement asks for it.
+use it: SQLite in WAL mode with ``BEGIN IMMEDIATE`` for writers and its file created
+private (0600), PostgreSQL in autocommit, psycopg 3 reading ``bytea`` in binary where a
+statement asks for it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sqlalchemy import exc as sa_exc
 
 from ..errors import ConfigurationError
 from .drivers import mask_url, require
+from .filesystem import make_private_dirs
 from .sql_migrations import MYSQL
 
 if TYPE_CHECKING:
@@ -92,7 +94,7 @@ class SQLTarget:
         if self.dialect == "sqlite":
             database = self.url.database or ""
             if not database.startswith("file:"):
-                os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
+                _create_private_file(os.path.abspath(database))
             connect_args = {"timeout": busy_timeout, "check_same_thread": False}
         else:
             options["pool_pre_ping"] = True
@@ -113,6 +115,17 @@ class SQLTarget:
         elif self.driver == "psycopg":
             event.listen(eng, "before_cursor_execute", _on_psycopg_execute)
         return eng
+
+
+def _create_private_file(path: str) -> None:
+    """Create the SQLite database file (and its directory) readable by its owner only, if missing.
+
+    SQLite would create it with 0644 less the umask; it gives the ``-wal``, ``-shm`` and
+    ``-journal`` files it makes later the mode of the database file, so creating that
+    one 0600 first makes them all private. An existing file keeps its mode.
+    """
+    make_private_dirs(os.path.dirname(path))
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
 
 
 def _postgres_driver(url: str) -> str:

@@ -1,7 +1,9 @@
 """The SQL store's tables, and the numbered migrations that bring a database to them.
 
 Tables: ``<prefix>records(key_hash PK, kind, status, metadata (JSON text),
-created_at, expires_at, due_at, updated_at)`` with times as float8, an index on
+created_at, expires_at, due_at, updated_at, version, seal)`` with times as float8,
+``version`` a big integer and ``seal`` a string of at most 255 characters (both
+``NOT NULL``, default ``0`` / ``''``), an index on
 ``(due_at, key_hash)`` (so ``due()`` is an index range scan, O(due records)) and one
 on ``(kind, status, key_hash)`` for filtered listings; ``<prefix>blobs(key_hash PK,
 blob)``, written in the same transaction as its record; ``<prefix>migrations(version,
@@ -28,6 +30,13 @@ of the blobs until the next checkpoint); it copies every blob once. Stop the wor
 of the previous release first: their writes fail once the column is gone (on
 PostgreSQL they wait for the migration to finish; on MySQL, whose DDL commits on its
 own, a blob written between the copy and the ``DROP COLUMN`` is lost).
+
+Upgrading from schema 3: migration 4 adds ``version`` and ``seal`` with ``ALTER TABLE ...
+ADD COLUMN ... NOT NULL DEFAULT``, which none of the three databases answers by rewriting
+the table (PostgreSQL 11+ and MariaDB 10.3+ store the default in the catalogue, SQLite
+in the schema). Existing records read back with version 0 and an empty seal, as records
+written before those fields existed must. Workers of the previous release still write,
+but an upsert of theirs leaves both columns as they were, so stop them first here too.
 """
 
 from __future__ import annotations
@@ -57,6 +66,11 @@ _KEY = (
 _WORD = sa.String(16).with_variant(mysql.VARCHAR(16, charset="ascii", collation="ascii_bin"), "mysql", "mariadb")
 _BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 _TEXT = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+_VERSION = sa.BigInteger()
+# A string with a literal DEFAULT everywhere: MySQL refuses one on TEXT columns.
+_SEAL = sa.String(255)
+#: The columns migration 4 adds: name -> (type, SQL default).
+_SEAL_COLUMNS: dict[str, tuple[sa.types.TypeEngine[Any], str]] = {"version": (_VERSION, "0"), "seal": (_SEAL, "''")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +101,7 @@ class Schema:
             dialect,
             prefix,
             table_args,
-            records_table(md, f"{prefix}records", prefix, table_args, with_blob=False),
+            records_table(md, f"{prefix}records", prefix, table_args, with_blob=False, with_seal=True),
             sa.Table(
                 f"{prefix}blobs",
                 md,
@@ -135,14 +149,20 @@ class Schema:
 
     def legacy_records(self) -> sa.Table:
         """The records table as migrations 1 and 2 left it: the blob in the row."""
-        return records_table(sa.MetaData(), self.records.name, self.prefix, self.table_args, with_blob=True)
+        return records_table(sa.MetaData(), self.records.name, self.prefix, self.table_args, with_blob=True, with_seal=False)
 
 
 def records_table(
-    md: sa.MetaData, name: str, prefix: str, table_args: dict[str, Any], *, with_blob: bool, indexes: bool = True
+    md: sa.MetaData, name: str, prefix: str, table_args: dict[str, Any], *, with_blob: bool, with_seal: bool, indexes: bool = True
 ) -> sa.Table:
-    """The records table; ``with_blob``: as migrations 1 and 2 left it, the blob in the row."""
+    """The records table; ``with_blob``: as migrations 1 and 2 left it, the blob in the row;
+    ``with_seal``: with the ``version`` and ``seal`` columns of migration 4."""
     blob = [sa.Column("blob", _BLOB, nullable=False)] if with_blob else []
+    sealed = (
+        [sa.Column(col, kind, nullable=False, server_default=sa.text(default)) for col, (kind, default) in _SEAL_COLUMNS.items()]
+        if with_seal
+        else []
+    )
     t = sa.Table(
         name,
         md,
@@ -155,6 +175,7 @@ def records_table(
         sa.Column("expires_at", sa.Double(), nullable=True),
         sa.Column("due_at", sa.Double(), nullable=True),
         sa.Column("updated_at", sa.Double(), nullable=False),
+        *sealed,
         **table_args,
     )
     if indexes:
@@ -220,7 +241,7 @@ def _rebuild_sqlite_records(schema: Schema, conn: Connection, old: sa.Table) -> 
     # all of them, and writes only the small columns where DROP COLUMN would
     # rewrite every row, blob included. It runs inside setup()'s transaction.
     q = conn.dialect.identifier_preparer
-    new = records_table(sa.MetaData(), f"{schema.prefix}records_v3", schema.prefix, {}, with_blob=False, indexes=False)
+    new = records_table(sa.MetaData(), f"{schema.prefix}records_v3", schema.prefix, {}, with_blob=False, with_seal=False, indexes=False)
     new.create(conn)
     names = [c.name for c in new.c]
     conn.execute(sa.insert(new).from_select(names, sa.select(*(old.c[n] for n in names))))
@@ -230,9 +251,22 @@ def _rebuild_sqlite_records(schema: Schema, conn: Connection, old: sa.Table) -> 
         index.create(conn)
 
 
+def _add_version_and_seal(schema: Schema, conn: Connection) -> None:
+    # One column at a time, each only if missing: MySQL commits every ALTER on its own,
+    # so a crash between the two re-runs this with one of them already there.
+    q = conn.dialect.identifier_preparer
+    table = q.format_table(schema.records)
+    for name, (kind, default) in _SEAL_COLUMNS.items():
+        if _has_column(conn, schema.records.name, name):
+            continue
+        ddl = kind.compile(dialect=conn.dialect)
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {q.quote(name)} {ddl} NOT NULL DEFAULT {default}")
+
+
 #: (version, name, function(schema, connection)): applied in order by ``SQLStore.setup()``.
 MIGRATIONS: Sequence[tuple[int, str, Callable[[Schema, Connection], None]]] = (
     (1, "records table and indexes", _create_records),
     (2, "postgresql: blob storage external (no pglz on compressed blobs)", _blob_storage_external),
     (3, "blobs in their own table (a status change no longer rewrites the blob)", _move_blobs),
+    (4, "records carry the hub's version counter and seal", _add_version_and_seal),
 )

@@ -43,7 +43,14 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
     cleanups: list[Callable[[], None]] = []
     workdir = tmp_path_factory.mktemp("e2e")
 
-    def make(store: str = "sqlite", broker: str = "redis", start: bool = True, **broker_options: Any) -> Stack:
+    def make(
+        store: str = "sqlite",
+        broker: str = "redis",
+        start: bool = True,
+        loglevel: str = "INFO",
+        encrypted: bool = True,
+        **broker_options: Any,
+    ) -> Stack:
         if store == "postgresql" and (reason := postgres_up()):
             missing(reason)
         if broker == "rabbitmq" and (reason := rabbitmq_up()):
@@ -68,8 +75,9 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
             "record_url": redis_db(REDIS_URL, RECORD_DB),
             "store_url": store_url,
             "store_options": store_options,
-            "keys": new_key(),
-            "secret": uuid.uuid4().hex,
+            "keys": new_key() if encrypted else None,
+            "secret": uuid.uuid4().hex if encrypted else None,
+            "loglevel": loglevel,
         }
         stack = Stack(config, workdir)
         stacks.append(stack)

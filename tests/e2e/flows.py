@@ -70,10 +70,13 @@ def make_app(config: dict[str, Any]) -> Celery:
         persist_store_options=dict(config.get("store_options") or {}),
         persist_keys=config.get("keys"),
         persist_signing_secret=config.get("secret"),
-        persist_encryption="required" if config.get("keys") else "auto",
+        persist_encryption="required" if config.get("keys") else "off",
         # No beat here; the tests run cleanup themselves (in-process and as a task).
         persist_cleanup_interval=None,
+        persist_task_aliases=config.get("aliases"),
     )
+    # A deploy that renamed tasks: {"e2e.publish": "e2e.publish_v2"} registers publish under the new name.
+    renamed = config.get("renamed") or {}
 
     # shared=False: a shared task is attached to every app created later, so the
     # next stack's app would run this stack's closures (wrong config, wrong Redis keys).
@@ -81,7 +84,7 @@ def make_app(config: dict[str, Any]) -> Celery:
     def review(doc: Any) -> str:
         return f"reviewed:{doc}"
 
-    @app.task(shared=False, name="e2e.publish")
+    @app.task(shared=False, name=renamed.get("e2e.publish", "e2e.publish"))
     def publish(value: Any, tag: str | None = None) -> dict[str, Any]:
         if tag:
             record(config, tag, value)
@@ -162,3 +165,32 @@ def resume_every_key(config: dict[str, Any], worker: int, keys: list[str], barri
     except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on any
         errors.append(f"{type(exc).__name__}: {exc}")
     out.put((worker, won, already, errors))
+
+
+def resume_and_die(config: dict[str, Any], key: str, value: Any, at: str) -> None:
+    """Body of a resumer process that SIGKILLs itself at one step of ``persist.resume``.
+
+    ``at``: ``claimed`` (before the dispatch is recorded), ``recorded`` (before the
+    continuation is sent) or ``sent`` (before the claim is completed).
+    """
+    import signal as _signal
+
+    from celery_persist import flow as _flow
+    from celery_persist.hub import PersistenceHub
+
+    def die(*_: Any, **__: Any) -> Any:
+        os.kill(os.getpid(), _signal.SIGKILL)
+
+    app = make_app(config)
+    persist = Persist.of(app)
+    persist.ready()
+    if at == "claimed":
+        PersistenceHub.record_dispatch = die  # type: ignore[method-assign]
+    elif at == "recorded":
+        _flow.continue_flow = die
+    elif at == "sent":
+        PersistenceHub.complete = die  # type: ignore[method-assign]
+    else:
+        raise ValueError(at)
+    persist.resume(key, value)
+    raise AssertionError("the resumer was meant to die")  # pragma: no cover

@@ -147,7 +147,7 @@ class Worker:
         cmd = [
             sys.executable, "-m", "celery", "-A", "tests.e2e.worker_app", "worker",
             "-P", "prefork", "-c", "2", "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-Q", self.config["queue"], "-E", "-n", self.hostname, "--loglevel", "INFO",
+            "-Q", self.config["queue"], "-E", "-n", self.hostname, "--loglevel", self.config.get("loglevel", "INFO"),
         ]  # fmt: skip
         log = self.log_path.open("ab")
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import struct
@@ -106,6 +107,61 @@ def test_record_file_format_and_permissions(fstore: FileStore) -> None:
     assert b'"key_hash":"%s"' % key.encode() in data[8 : 8 + size]
     assert path.stat().st_mode & 0o777 == 0o600
     assert (Path(fstore.root) / "records").stat().st_mode & 0o777 == 0o700
+
+
+def test_everything_the_store_creates_is_private(tmp_path: Path) -> None:
+    """Files 0600 and directories 0700, the missing parents of the URL's directory included,
+    whatever the umask would have allowed."""
+    old_umask = os.umask(0o022)
+    try:
+        s = open_store(f"file://{tmp_path}/new/parents/store", prefix="app")
+        s.setup()
+        key = kh("private")
+        s.put(rec(key, due_at=NOW + 1))
+        assert s.transition(key, {Status.SUSPENDED}, Status.CLAIMED, due_at=NOW + 2, now=NOW, version=1, seal="s")
+        assert s.replace_blob(key, b"blob", b"rotated", now=NOW + 1, version=2, seal="t")
+        s.put_many(rec(kh("private", i), due_at=NOW + 3600 * i) for i in range(10))
+        assert s.delete(kh("private", 0))
+    finally:
+        os.umask(old_umask)
+    created = [tmp_path / "new", *(p for p in (tmp_path / "new").rglob("*"))]
+    dirs = [p for p in created if p.is_dir()]
+    files = [p for p in created if p.is_file()]
+    assert len(dirs) >= 8 and len(files) >= 10, (dirs, files)  # parents, root, records/due/locks, shards, buckets
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in dirs if p.stat().st_mode & 0o777 != 0o700} == {}
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != 0o600} == {}
+
+
+def test_record_file_without_version_or_seal_reads_as_version_0(fstore: FileStore) -> None:
+    """A record file written before records carried a version and a seal."""
+    key = kh("old-format")
+    fstore.put(rec(key, blob=b"old blob").replace(version=4, seal="abc"))
+    path = record_path(fstore, key)
+    data = path.read_bytes()
+    (size,) = struct.unpack(">I", data[4:8])
+    header = json.loads(data[8 : 8 + size])
+    assert (header.pop("version"), header.pop("seal")) == (4, "abc")
+    text = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(b"CPR1" + struct.pack(">I", len(text)) + text + data[8 + size :])
+    assert fstore.get(key) == rec(key, blob=b"old blob")
+    assert fstore.transition(key, {Status.SUSPENDED}, Status.CLAIMED, now=NOW + 1, expect_version=1) is False
+    assert fstore.transition(key, {Status.SUSPENDED}, Status.CLAIMED, now=NOW + 1, version=1, seal="s1", expect_version=0)
+    assert fstore.get(key) == rec(key, blob=b"old blob").replace(status=Status.CLAIMED, updated_at=NOW + 1, version=1, seal="s1")
+
+
+@pytest.mark.parametrize("field, value", [("version", "1"), ("version", True), ("version", 1.5), ("seal", 7), ("seal", None)])
+def test_record_file_with_a_mistyped_version_or_seal_is_an_integrity_error(fstore: FileStore, field: str, value: Any) -> None:
+    key = kh("mistyped")
+    fstore.put(rec(key))
+    path = record_path(fstore, key)
+    data = path.read_bytes()
+    (size,) = struct.unpack(">I", data[4:8])
+    header = json.loads(data[8 : 8 + size])
+    header[field] = value
+    text = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(b"CPR1" + struct.pack(">I", len(text)) + text + data[8 + size :])
+    with pytest.raises(IntegrityError):
+        fstore.get(key)
 
 
 def test_truncated_record_is_an_integrity_error(fstore: FileStore) -> None:

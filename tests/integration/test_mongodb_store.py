@@ -123,6 +123,23 @@ def test_document_layout(open_mongo: Any) -> None:
     assert "due_at" not in records.find_one({"_id": rec.key_hash})
 
 
+def test_document_without_version_or_seal_reads_as_version_0(open_mongo: Any) -> None:
+    """A document written before records carried a version and a seal."""
+    store = open_mongo()
+    rec = record(kh("old-doc"))
+    store.put(rec.replace(version=3, seal="ab" * 32))
+    records, _ = raw(store)
+    doc = records.find_one({"_id": rec.key_hash})
+    assert (doc["version"], doc["seal"]) == (3, "ab" * 32)
+    records.update_one({"_id": rec.key_hash}, {"$unset": {"version": "", "seal": ""}})
+    assert store.get(rec.key_hash) == rec
+    assert [(r.version, r.seal) for r in store.scan().items] == [(0, "")]
+    assert store.transition(rec.key_hash, {Status.SUSPENDED}, Status.CLAIMED, now=NOW + 1, expect_version=1) is False
+    assert store.transition(rec.key_hash, {Status.SUSPENDED}, Status.CLAIMED, now=NOW + 1, version=1, seal="s1", expect_version=0)
+    assert store.get(rec.key_hash) == rec.replace(status=Status.CLAIMED, updated_at=NOW + 1, version=1, seal="s1")
+    assert store.transition(rec.key_hash, {Status.CLAIMED}, Status.SUSPENDED, now=NOW + 2, expect_version=0) is False
+
+
 def test_indexes(open_mongo: Any) -> None:
     store = open_mongo()
     store.setup()  # twice: idempotent
@@ -177,6 +194,9 @@ def test_chunked_blob_round_trip_and_cleanup(open_mongo: Any) -> None:
     assert chunks.count_documents({"rec": key}) == 0
 
     # replace_blob across both forms, compared by digest.
+    assert store.replace_blob(key, b"small", big, now=NOW + 1, version=2, seal="s2")
+    assert store.get(key) == record(key, big, updated_at=NOW + 1, version=2, seal="s2")
+    store.put(record(key, b"small"))
     assert store.replace_blob(key, b"small", big, now=NOW + 1)
     assert store.get(key) == record(key, big, updated_at=NOW + 1)
     assert not store.replace_blob(key, b"small", b"x", now=NOW + 2)

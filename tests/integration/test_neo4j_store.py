@@ -134,6 +134,29 @@ def test_node_layout_and_exact_values(open_falkor: Any) -> None:
     assert store.get(rec.key_hash) == rec
 
 
+def test_node_without_version_or_seal_reads_as_version_0(open_falkor: Any) -> None:
+    """A node written before records carried a version and a seal."""
+    store = open_falkor()
+    rec = record(kh("old-node"))
+    store.put(rec.replace(version=3, seal="ab" * 32))
+    props = cypher(store, f"MATCH (n:{RECORD}) WHERE n.ns = $ns RETURN properties(n) AS p", ns=store._prefix)[0]["p"]
+    assert (props["version"], props["seal"]) == (3, "ab" * 32)
+    with store._transaction(write=True) as tx:
+        store._run(
+            tx,
+            f"MATCH (n:{RECORD}) WHERE n.ns = $ns AND n.key_hash = $key REMOVE n.version, n.seal",
+            {"ns": store._prefix, "key": rec.key_hash},
+        )
+    assert store.get(rec.key_hash) == rec
+    assert [(r.version, r.seal) for r in store.scan().items] == [(0, "")]
+    assert store.transition(rec.key_hash, {Status.SUSPENDED}, Status.CLAIMED, now=NOW + 1, expect_version=1) is False
+    assert store.transition(rec.key_hash, {Status.SUSPENDED}, Status.CLAIMED, now=NOW + 1, version=1, seal="s1", expect_version=0)
+    assert store.get(rec.key_hash) == rec.replace(status=Status.CLAIMED, updated_at=NOW + 1, version=1, seal="s1")
+    # An empty seal is stored as an empty string, not as an absent property.
+    assert store.transition(rec.key_hash, {Status.CLAIMED}, Status.SUSPENDED, now=NOW + 2, version=2, seal="", expect_version=1)
+    assert store.get(rec.key_hash) == rec.replace(updated_at=NOW + 2, version=2, seal="")
+
+
 def test_chunked_blob_round_trip_and_cleanup(open_falkor: Any) -> None:
     store = open_falkor()
     key = kh("chunks")
@@ -150,11 +173,11 @@ def test_chunked_blob_round_trip_and_cleanup(open_falkor: Any) -> None:
     store.put(record(key, b"x" * CHUNK_SIZE))  # exactly chunk_size: inline
     assert chunk_count(store, key) == 0
 
-    assert store.replace_blob(key, b"x" * CHUNK_SIZE, big, now=NOW + 1)
+    assert store.replace_blob(key, b"x" * CHUNK_SIZE, big, now=NOW + 1, version=2, seal="s2")
     assert chunk_count(store, key) == 11
-    assert not store.replace_blob(key, b"wrong", bigger, now=NOW + 2)
+    assert not store.replace_blob(key, b"wrong", bigger, now=NOW + 2, version=3, seal="s3")
     assert chunk_count(store, key) == 11, "a failed swap removes the chunks it wrote"
-    assert store.get(key) == record(key, big, updated_at=NOW + 1)
+    assert store.get(key) == record(key, big, updated_at=NOW + 1, version=2, seal="s2")
 
     other = kh("chunks", 2)
     store.put_many([record(other, bigger), record(kh("chunks", 3), b"small")])

@@ -271,6 +271,24 @@ def test_every_key_of_a_prefix_shares_one_hash_slot(store: RedisStore, shared_ur
         client.close()
 
 
+def test_record_hash_without_version_or_seal_reads_as_version_0(store: RedisStore, shared_url: str, prefix: str) -> None:
+    """A record hash written before records carried a version and a seal (layout 1 as first released)."""
+    rec = record(1, due_at=1_800_000_000.0)
+    store.put(rec.replace(version=3, seal="ab" * 32))
+    key = "{" + prefix + "}:r:" + rec.key_hash
+    client = redis.Redis.from_url(shared_url)
+    try:
+        assert client.hmget(key, "version", "seal") == [b"3", b"ab" * 32]
+        client.hdel(key, "version", "seal")
+    finally:
+        client.close()
+    assert store.get(rec.key_hash) == rec
+    assert [(r.version, r.seal) for r in store.scan().items] == [(0, "")]
+    assert store.transition(rec.key_hash, {Status.SUSPENDED}, Status.CLAIMED, now=2.0, expect_version=1) is False
+    assert store.transition(rec.key_hash, {Status.SUSPENDED}, Status.CLAIMED, now=2.0, version=1, seal="s1", expect_version=0)
+    assert store.get(rec.key_hash) == rec.replace(status=Status.CLAIMED, updated_at=2.0, version=1, seal="s1")
+
+
 def test_floats_and_metadata_round_trip_exactly(store: RedisStore) -> None:
     awkward = [0.1 + 0.2, 5e-324, 1.7976931348623157e308, -0.0, 1_700_000_000.123456789, 2.0**53 + 1]
     for i, value in enumerate(awkward):
@@ -599,6 +617,27 @@ def test_lost_reply_after_a_committed_claim_neither_loses_nor_doubles_it(
     assert got is not None and got.status is Status.CLAIMED and got.due_at == 99.0 and got.updated_at == 2.0
 
 
+def test_lost_reply_after_a_committed_versioned_claim_still_reports_the_win(
+    store: RedisStore, lossy: tuple[LossyProxy, str], prefix: str
+) -> None:
+    """The re-sent call expects the version its own first attempt replaced: the token must
+    answer before the version check does."""
+    proxy, proxied_url = lossy
+    rec, warmup = record(1).replace(version=4, seal="s4"), record(2)
+    store.put_many([rec, warmup])
+    with RedisStore(proxied_url, prefix=prefix) as claimer:
+        assert claimer.transition(warmup.key_hash, {Status.SUSPENDED}, Status.CLAIMED, now=1.0)
+        proxy.arm(b"EVALSHA")
+        won = claimer.transition(
+            rec.key_hash, {Status.SUSPENDED}, Status.CLAIMED, due_at=99.0, now=2.0, version=5, seal="s5", expect_version=4
+        )
+        assert proxy.swallowed == b":1\r\n"
+        assert proxy.accepted == 2
+        assert won is True
+    assert store.transition(rec.key_hash, {Status.CLAIMED}, Status.SUSPENDED, now=3.0, version=5, seal="x", expect_version=4) is False
+    assert store.get(rec.key_hash) == rec.replace(status=Status.CLAIMED, due_at=99.0, updated_at=2.0, version=5, seal="s5")
+
+
 def test_lost_reply_after_a_committed_blob_swap_still_reports_the_swap(
     store: RedisStore, lossy: tuple[LossyProxy, str], prefix: str
 ) -> None:
@@ -608,10 +647,10 @@ def test_lost_reply_after_a_committed_blob_swap_still_reports_the_swap(
     with RedisStore(proxied_url, prefix=prefix) as rotator:
         assert rotator.replace_blob(warmup.key_hash, warmup.blob, b"w2", now=1.0)
         proxy.arm(b"EVALSHA")
-        assert rotator.replace_blob(rec.key_hash, rec.blob, b"rotated", now=2.0) is True
+        assert rotator.replace_blob(rec.key_hash, rec.blob, b"rotated", now=2.0, version=7, seal="s7") is True
         assert proxy.swallowed == b":1\r\n"
     assert store.replace_blob(rec.key_hash, rec.blob, b"other", now=3.0) is False
-    assert store.get(rec.key_hash).blob == b"rotated"  # type: ignore[union-attr]
+    assert store.get(rec.key_hash) == rec.replace(blob=b"rotated", updated_at=2.0, version=7, seal="s7")
 
 
 def test_server_restart_mid_run_loses_no_record_and_doubles_no_claim(servers: Callable[..., RedisServer]) -> None:

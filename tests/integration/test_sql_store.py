@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -116,7 +118,8 @@ def test_migrations_rerun_on_the_current_schema(store: SQLStore) -> None:
         assert versions == [m[0] for m in MIGRATIONS]
         names = {ix["name"] for ix in sa.inspect(conn).get_indexes(store.table.name)}
         assert index.name in names
-        assert "blob" not in {c["name"] for c in sa.inspect(conn).get_columns(store.table.name)}
+        columns = {c["name"] for c in sa.inspect(conn).get_columns(store.table.name)}
+        assert "blob" not in columns and {"version", "seal"} <= columns
         if store.dialect == "postgresql":
             assert blob_storage(conn, store.blobs.name) == "e", "blob column is not STORAGE EXTERNAL"
     assert store.get(kh("kept")) == rec(kh("kept"), NOW, b"kept blob")
@@ -245,6 +248,132 @@ def test_setup_upgrades_a_release_2_schema_with_records(backend: Backend, store_
     finally:
         store.drop()
         store.close()
+
+
+def release_3_tables(dialect: str, prefix: str) -> tuple[sa.Table, sa.Table, sa.Table]:
+    """The records, blobs and migrations tables as release 3 of the store left them (a frozen copy,
+    as :func:`release_2_tables`): the blob in a table of its own, no version or seal."""
+    records, migrations = release_2_tables(dialect, prefix)
+    md = sa.MetaData()
+    records_3 = sa.Table(records.name, md, *(c._copy() for c in records.c if c.name != "blob"), **records.kwargs)
+    sa.Index(f"{prefix}due_ix", records_3.c.due_at, records_3.c.key_hash)
+    sa.Index(f"{prefix}scan_ix", records_3.c.kind, records_3.c.status, records_3.c.key_hash)
+    blobs = sa.Table(f"{prefix}blobs", md, records.c.key_hash._copy(), records.c.blob._copy(), **records.kwargs)
+    migrations_3 = migrations.to_metadata(md)
+    return records_3, blobs, migrations_3
+
+
+@on_sql
+def test_setup_upgrades_a_release_3_schema_with_records(backend: Backend, store_url: str, store_prefix: str) -> None:
+    """A deployment at migration 3 gains version and seal in place; its records read back as version 0, seal ""."""
+    prefix = store_prefix + "v3_"
+    store = open_store(store_url, prefix=prefix, **backend.options)
+    assert isinstance(store, SQLStore)
+    old = [
+        StoredRecord(kh("v3", "a"), Kind.SUSPENSION, Status.SUSPENDED, b"a-blob", {"task": "t"}, NOW, NOW + 60, NOW + 60, NOW),
+        StoredRecord(kh("v3", "b"), Kind.SUSPENSION, Status.CLAIMED, b"", {}, NOW, NOW + 90, NOW - 5, NOW + 1),
+        StoredRecord(kh("v3", "c"), Kind.CHECKPOINT, Status.ACTIVE, bytes(range(256)), {"n": None}, NOW, None, None, NOW + 2),
+    ]
+    try:
+        with store._engine().begin() as conn:
+            records, blobs, migrations = release_3_tables(store.dialect, prefix)
+            records.metadata.create_all(conn)
+            conn.execute(
+                sa.insert(migrations),
+                [
+                    {"version": 1, "name": "records table and indexes"},
+                    {"version": 2, "name": "postgresql: blob storage external (no pglz on compressed blobs)"},
+                    {"version": 3, "name": "blobs in their own table (a status change no longer rewrites the blob)"},
+                ],
+            )
+            for r in old:
+                conn.execute(
+                    sa.insert(records).values(
+                        key_hash=r.key_hash,
+                        kind=str(r.kind),
+                        status=str(r.status),
+                        metadata=json.dumps(dict(r.metadata), sort_keys=True, separators=(",", ":"), ensure_ascii=False),
+                        created_at=r.created_at,
+                        expires_at=r.expires_at,
+                        due_at=r.due_at,
+                        updated_at=r.updated_at,
+                    )
+                )
+                conn.execute(sa.insert(blobs).values(key_hash=r.key_hash, blob=r.blob))
+        assert store.schema_version() == 3
+        assert store.health()["ok"] is False
+
+        store.setup()
+
+        assert store.schema_version() == MIGRATIONS[-1][0] == 4
+        assert store.health()["ok"] is True
+        with store._engine().connect() as conn:
+            columns = {c["name"]: c for c in sa.inspect(conn).get_columns(store.table.name)}
+            assert not columns["version"]["nullable"] and not columns["seal"]["nullable"]
+        for r in old:
+            got = store.get(r.key_hash)
+            assert got == r and (got.version, got.seal) == (0, ""), r.key_hash
+        by_key = sorted(old, key=lambda r: r.key_hash)
+        assert list(store.scan(limit=10, with_blob=True).items) == by_key
+        assert store.due(NOW + 60) == [old[1], old[0]]
+
+        # The upgraded records take part in the version compare-and-set as version 0.
+        a = old[0].key_hash
+        assert not store.transition(a, {Status.SUSPENDED}, Status.CLAIMED, now=NOW + 3, version=2, seal="s2", expect_version=1)
+        assert store.transition(a, {Status.SUSPENDED}, Status.CLAIMED, now=NOW + 3, version=1, seal="s1", expect_version=0)
+        assert store.get(a) == old[0].replace(status=Status.CLAIMED, updated_at=NOW + 3, version=1, seal="s1")
+        store.setup()  # idempotent
+        assert store.get(a) == old[0].replace(status=Status.CLAIMED, updated_at=NOW + 3, version=1, seal="s1")
+    finally:
+        store.drop()
+        store.close()
+
+
+def test_sqlite_files_and_directories_are_private(tmp_path: Path) -> None:
+    """The database, its -wal / -shm / -journal files 0600 and the directories the store creates 0700,
+    whatever the umask would have allowed."""
+    old_umask = os.umask(0o022)
+    try:
+        path = tmp_path / "new" / "parents" / "persist.db"
+        store = open_store(f"sqlite:///{path}")
+        try:
+            store.setup()
+            store.put(rec(kh("private"), NOW))
+            assert store.transition(kh("private"), {Status.SUSPENDED}, Status.CLAIMED, now=NOW, version=1, seal="s")
+            files = sorted(path.parent.glob(path.name + "*"))
+            assert {f.name for f in files} >= {"persist.db", "persist.db-wal", "persist.db-shm"}
+            assert {f.name: oct(f.stat().st_mode & 0o777) for f in files if f.stat().st_mode & 0o777 != 0o600} == {}
+        finally:
+            store.close()
+    finally:
+        os.umask(old_umask)
+    for directory in (tmp_path / "new", tmp_path / "new" / "parents"):
+        assert directory.stat().st_mode & 0o777 == 0o700, directory
+    # A rollback journal (another client in journal_mode=DELETE) gets the database's mode too.
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = DELETE")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("CREATE TABLE journal_probe (x)")
+        journal = path.parent / (path.name + "-journal")
+        assert journal.stat().st_mode & 0o777 == 0o600
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_sqlite_keeps_the_mode_of_an_existing_database(tmp_path: Path) -> None:
+    """An operator's choice stands: only files the store creates are made private."""
+    path = tmp_path / "shared.db"
+    path.touch()
+    path.chmod(0o640)
+    store = open_store(f"sqlite:///{path}")
+    try:
+        store.setup()
+    finally:
+        store.close()
+    assert path.stat().st_mode & 0o777 == 0o640
 
 
 def count_blob_writes(store: SQLStore, conn: sa.Connection, counter: str) -> list[str]:

@@ -50,6 +50,8 @@ def make(
     expires_at: float | None = NOW + 3600,
     due_at: float | None | str = "expires",
     updated_at: float = NOW,
+    version: int = 0,
+    seal: str = "",
 ) -> StoredRecord:
     return StoredRecord(
         key_hash=key,
@@ -61,6 +63,8 @@ def make(
         expires_at=expires_at,
         due_at=expires_at if due_at == "expires" else due_at,  # type: ignore[arg-type]
         updated_at=updated_at,
+        version=version,
+        seal=seal,
     )
 
 
@@ -238,11 +242,115 @@ def test_replace_blob(store: BaseStore) -> None:
     assert store.get(kh("rotate", "missing")) is None
 
 
+# -- version and seal ---------------------------------------------------------------------------
+
+SEAL = hashlib.sha256(b"seal").hexdigest()
+
+
+def test_version_and_seal_round_trip(store: BaseStore) -> None:
+    records = [
+        make(kh("vs", 1), version=1, seal=SEAL, due_at=NOW - 3),
+        make(kh("vs", 2), version=2**40 + 3, seal="0" * 64, due_at=NOW - 2),
+        make(kh("vs", 3), due_at=NOW - 1),  # version 0, empty seal: as records written before they existed
+        make(kh("vs", 4), kind=Kind.CHECKPOINT, status=Status.ACTIVE, version=7, seal="ab" * 32, expires_at=None, due_at=None),
+    ]
+    store.put(records[0])
+    store.put_many(records[1:])
+    by_key = sorted(records, key=lambda r: r.key_hash)
+    for rec in records:
+        got = store.get(rec.key_hash)
+        assert got == rec
+        assert got is not None and type(got.version) is int and type(got.seal) is str
+    assert walk(store, 2, with_blob=True) == by_key
+    assert walk(store, 3) == [r.replace(blob=b"") for r in by_key]
+    assert walk(store, 10, kind=Kind.CHECKPOINT) == [records[3].replace(blob=b"")]
+    assert store.due(NOW) == records[:3]
+    # put() replaces both, down to 0 and "" too.
+    store.put(records[0].replace(version=0, seal=""))
+    assert store.get(records[0].key_hash) == records[0].replace(version=0, seal="")
+
+
+def test_transition_compares_the_version(store: BaseStore) -> None:
+    key = kh("cas-version")
+    rec = make(key, version=5, seal=SEAL, due_at=NOW + 10)
+    store.put(rec)
+    for wrong in (0, 4, 6):
+        moved = store.transition(
+            key, {Status.SUSPENDED}, Status.CLAIMED, due_at=NOW + 99, now=NOW + 1, version=9, seal="f" * 64, expect_version=wrong
+        )
+        assert moved is False, f"expect_version={wrong} matched version 5"
+        assert store.get(key) == rec, "a transition refused on its version changed the record"
+    assert store.due(NOW + 10) == [rec], "a refused transition moved the due index"
+    # The status still has to match as well.
+    assert store.transition(key, {Status.CLAIMED}, Status.RESUMED, now=NOW + 1, version=6, seal="e" * 64, expect_version=5) is False
+    assert store.get(key) == rec
+
+    assert store.transition(
+        key, {Status.SUSPENDED}, Status.CLAIMED, due_at=NOW + 60, now=NOW + 2, version=6, seal="c" * 64, expect_version=5
+    )
+    claimed = rec.replace(status=Status.CLAIMED, due_at=NOW + 60, updated_at=NOW + 2, version=6, seal="c" * 64)
+    assert store.get(key) == claimed
+    # The same call again: the version it expected is gone.
+    assert store.transition(key, {Status.CLAIMED}, Status.RESUMED, now=NOW + 3, version=6, seal="d" * 64, expect_version=5) is False
+    assert store.get(key) == claimed
+    assert [r.key_hash for r in store.due(NOW + 60)] == [key]
+
+
+def test_transition_without_version_or_seal_keeps_them(store: BaseStore) -> None:
+    key = kh("keep-token")
+    rec = make(key, version=3, seal=SEAL)
+    store.put(rec)
+    assert store.transition(key, {Status.SUSPENDED}, Status.CLAIMED, due_at=NOW + 60, now=NOW + 1)
+    assert store.get(key) == rec.replace(status=Status.CLAIMED, due_at=NOW + 60, updated_at=NOW + 1)
+    # expect_version alone checks without writing; version alone writes without a seal, and the reverse.
+    assert store.transition(key, {Status.CLAIMED}, Status.SUSPENDED, now=NOW + 2, expect_version=3)
+    assert store.get(key) == rec.replace(due_at=NOW + 60, updated_at=NOW + 2)
+    assert store.transition(key, {Status.SUSPENDED}, Status.SUSPENDED, now=NOW + 3, version=4)
+    assert store.get(key) == rec.replace(due_at=NOW + 60, updated_at=NOW + 3, version=4)
+    assert store.transition(key, {Status.SUSPENDED}, Status.SUSPENDED, now=NOW + 4, seal="")
+    assert store.get(key) == rec.replace(due_at=NOW + 60, updated_at=NOW + 4, version=4, seal="")
+    # A record written before versions existed (version 0) matches expect_version=0.
+    old = kh("keep-token", "old")
+    store.put(make(old))
+    assert store.transition(old, {Status.SUSPENDED}, Status.CLAIMED, now=NOW + 5, expect_version=1) is False
+    assert store.transition(old, {Status.SUSPENDED}, Status.CLAIMED, now=NOW + 5, version=1, seal=SEAL, expect_version=0)
+    assert store.get(old) == make(old, status=Status.CLAIMED, updated_at=NOW + 5, version=1, seal=SEAL)
+
+
+def test_replace_blob_sets_version_and_seal(store: BaseStore) -> None:
+    key = kh("rotate-token")
+    rec = make(key, blob=b"old-ciphertext", version=8, seal=SEAL)
+    store.put(rec)
+    assert store.replace_blob(key, b"not-the-blob", b"new", now=NOW + 1, version=9, seal="a" * 64) is False
+    assert store.get(key) == rec
+    assert store.replace_blob(key, b"old-ciphertext", b"new-ciphertext", now=NOW + 2, version=9, seal="a" * 64) is True
+    rotated = rec.replace(blob=b"new-ciphertext", updated_at=NOW + 2, version=9, seal="a" * 64)
+    assert store.get(key) == rotated
+    assert store.replace_blob(key, b"new-ciphertext", b"again", now=NOW + 3) is True
+    assert store.get(key) == rotated.replace(blob=b"again", updated_at=NOW + 3)
+    # Larger than a chunk where a store chunks small blobs (FalkorDB: 1 KiB).
+    big = os.urandom(64 * 1024 + 17)
+    assert store.replace_blob(key, b"again", big, now=NOW + 4, version=10, seal="b" * 64) is True
+    assert store.get(key) == rotated.replace(blob=big, updated_at=NOW + 4, version=10, seal="b" * 64)
+
+
 # -- atomic claim across processes ----------------------------------------------------------------
 
 
-def race(backend: Backend, url: str, options: dict[str, Any], keys: list[str], racers: int = 8) -> list[list[str]]:
-    """``racers`` processes (threads for in-process stores) claim the same keys; returns each one's wins."""
+def race(
+    backend: Backend,
+    url: str,
+    options: dict[str, Any],
+    keys: list[str],
+    racers: int = 8,
+    target: Callable[..., None] = contract_workers.claim_all,
+    extra: tuple[Any, ...] = (),
+) -> list[list[Any]]:
+    """``racers`` processes (threads for in-process stores) run ``target`` on the same keys; returns each one's wins.
+
+    ``target`` is a :mod:`contract_workers` function taking ``(url, options, keys, barrier, results,
+    now, lease, *extra)``.
+    """
     args: tuple[Any, ...]
     if backend.cross_process:
         # fork is quick (no re-import); spawn when threads are alive, as forking them is unsafe.
@@ -251,13 +359,13 @@ def race(backend: Backend, url: str, options: dict[str, Any], keys: list[str], r
         barrier: Any = ctx.Barrier(racers)
         results: Any = ctx.Queue()
         workers: list[Any] = [
-            ctx.Process(target=contract_workers.claim_all, args=(url, options, keys, barrier, results, NOW, LEASE)) for _ in range(racers)
+            ctx.Process(target=target, args=(url, options, keys, barrier, results, NOW, LEASE, *extra)) for _ in range(racers)
         ]
     else:
         barrier = threading.Barrier(racers)
         results = queue.Queue()
-        args = (url, options, keys, barrier, results, NOW, LEASE)
-        workers = [threading.Thread(target=contract_workers.claim_all, args=args) for _ in range(racers)]
+        args = (url, options, keys, barrier, results, NOW, LEASE, *extra)
+        workers = [threading.Thread(target=target, args=args) for _ in range(racers)]
     for w in workers:
         w.start()
     reports = []
@@ -292,6 +400,24 @@ def test_claim_race_has_exactly_one_winner_per_key(
     store.put_many(make(k) for k in keys)
     wins = race(backend, store_url, store_options, keys)
     check_exactly_one_winner(store, keys, wins)
+
+
+def test_version_race_has_exactly_one_winner_per_key(
+    backend: Backend, store: BaseStore, store_url: str, store_options: dict[str, Any]
+) -> None:
+    """Racers that all read version 5 re-seal each key in place (suspended -> suspended): the
+    status check lets every one of them through, so only the version check can stop all but one."""
+    keys = [kh("version-race", i) for i in range(100)]
+    store.put_many(make(k, version=5, seal=SEAL) for k in keys)
+    wins = race(backend, store_url, store_options, keys, target=contract_workers.reseal_all, extra=(5,))
+    flat = [k for w in wins for k, _ in w]
+    assert len(flat) == len(set(flat)), f"{len(flat) - len(set(flat))} keys were won twice"
+    assert set(flat) == set(keys), f"{len(set(keys) - set(flat))} keys were won by nobody"
+    winner_seal = {k: seal for w in wins for k, seal in w}
+    for k in keys:
+        got = store.get(k)
+        assert got is not None and got.status is Status.SUSPENDED and got.due_at == NOW + LEASE
+        assert (got.version, got.seal) == (6, winner_seal[k]), "the record does not carry the winner's version and seal"
 
 
 # -- leases -------------------------------------------------------------------------------------

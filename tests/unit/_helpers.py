@@ -97,9 +97,20 @@ class RecordingStore(MemoryStore):
         self.calls.append("delete")
         return super().delete(key_hash)
 
-    def transition(self, key_hash: str, expect: Collection[Status], to: Status, *, due_at: Any = KEEP, now: float) -> bool:
+    def transition(
+        self,
+        key_hash: str,
+        expect: Collection[Status],
+        to: Status,
+        *,
+        due_at: Any = KEEP,
+        now: float,
+        version: int | None = None,
+        seal: str | None = None,
+        expect_version: int | None = None,
+    ) -> bool:
         self.calls.append("transition")
-        return super().transition(key_hash, expect, to, due_at=due_at, now=now)
+        return super().transition(key_hash, expect, to, due_at=due_at, now=now, version=version, seal=seal, expect_version=expect_version)
 
     def scan(self, **kwargs: Any) -> Page:
         self.calls.append("scan")
@@ -109,9 +120,11 @@ class RecordingStore(MemoryStore):
         self.calls.append("due")
         return super().due(now, limit)
 
-    def replace_blob(self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float) -> bool:
+    def replace_blob(
+        self, key_hash: str, old_blob: bytes, new_blob: bytes, *, now: float, version: int | None = None, seal: str | None = None
+    ) -> bool:
         self.calls.append("replace_blob")
-        return super().replace_blob(key_hash, old_blob, new_blob, now=now)
+        return super().replace_blob(key_hash, old_blob, new_blob, now=now, version=version, seal=seal)
 
     def raw(self, key_hash: str) -> StoredRecord | None:
         """Read without recording (for assertions)."""

@@ -313,7 +313,7 @@ def test_choose_sealer(ring: Keyring, b64: Callable[[bytes], str]) -> None:
     from_env = choose_sealer("required", None, None, environ=_env(CELERY_PERSIST_KEY=b64(KEY_B)))
     assert isinstance(from_env, Keyring) and from_env.key_ids == ("default",)
     assert choose_sealer("off", None, None, environ=_env(CELERY_PERSIST_KEY=b64(KEY_B))) is None
-    with pytest.raises(ConfigurationError, match="'required' but no key"):
+    with pytest.raises(ConfigurationError, match="celery-persist keygen"):
         choose_sealer("required", None, SECRET, environ={})
     with pytest.raises(ConfigurationError, match="at least 16 bytes"):
         choose_sealer("auto", ring, "short")

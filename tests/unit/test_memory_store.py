@@ -81,6 +81,60 @@ def test_transition_is_compare_and_set(store: MemoryStore) -> None:
     assert store.transition(hx(1), {Status.SUSPENDED}, Status.CLAIMED, due_at=KEEP, now=5.0) is False
 
 
+def test_version_and_seal_default_and_round_trip(store: MemoryStore) -> None:
+    old = rec(hx(1), due=5.0)
+    assert (old.version, old.seal) == (0, "")  # a record written before they existed
+    store.put(old)
+    store.put(rec(hx(2), due=5.0).replace(version=7, seal="ab" * 32))
+    assert store.get(hx(1)) == old
+    got = store.get(hx(2))
+    assert got is not None and (got.version, got.seal) == (7, "ab" * 32)
+    assert [(r.version, r.seal) for r in store.scan().items] == [(0, ""), (7, "ab" * 32)]
+    assert [(r.version, r.seal) for r in store.due(10.0)] == [(0, ""), (7, "ab" * 32)]
+
+
+def test_transition_compares_the_version_and_sets_the_token(store: MemoryStore) -> None:
+    before = rec(hx(1), due=50.0).replace(version=3, seal="s3")
+    store.put(before)
+    for wrong in (2, 4, 0):
+        assert store.transition(hx(1), {Status.SUSPENDED}, Status.CLAIMED, now=2.0, version=9, seal="x", expect_version=wrong) is False
+    assert store.get(hx(1)) == before, "a refused transition changed the record"
+    assert store.transition(hx(1), {Status.CLAIMED}, Status.RESUMED, now=2.0, expect_version=3) is False  # status still decides
+    assert store.transition(hx(1), {Status.SUSPENDED}, Status.CLAIMED, due_at=60.0, now=2.0, version=4, seal="s4", expect_version=3)
+    assert store.get(hx(1)) == before.replace(status=Status.CLAIMED, due_at=60.0, updated_at=2.0, version=4, seal="s4")
+    # Without version / seal both stay as they are; a seal may be set to "" and a version to 0.
+    assert store.transition(hx(1), {Status.CLAIMED}, Status.SUSPENDED, now=3.0)
+    got = store.get(hx(1))
+    assert got is not None and (got.status, got.version, got.seal) == (Status.SUSPENDED, 4, "s4")
+    assert store.transition(hx(1), {Status.SUSPENDED}, Status.SUSPENDED, now=4.0, version=0, seal="", expect_version=4)
+    got = store.get(hx(1))
+    assert got is not None and (got.version, got.seal) == (0, "")
+    # A record written before versions existed is version 0.
+    store.put(rec(hx(2)))
+    assert store.transition(hx(2), {Status.SUSPENDED}, Status.CLAIMED, now=5.0, expect_version=1) is False
+    assert store.transition(hx(2), {Status.SUSPENDED}, Status.CLAIMED, now=5.0, version=1, seal="s1", expect_version=0)
+
+
+def test_transition_with_expect_version_has_one_winner_between_threads(store: MemoryStore) -> None:
+    store.put(rec(hx(1)).replace(version=5))
+    barrier = threading.Barrier(16)
+    wins: list[bool] = []
+
+    def claim(n: int) -> None:
+        barrier.wait()
+        # Every caller read version 5 and re-opens to SUSPENDED: only the version check stops the others.
+        wins.append(store.transition(hx(1), {Status.SUSPENDED}, Status.SUSPENDED, now=1.0, version=6, seal=f"s{n}", expect_version=5))
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert sorted(wins) == [False] * 15 + [True]
+    got = store.get(hx(1))
+    assert got is not None and got.version == 6
+
+
 def test_transition_is_atomic_between_threads(store: MemoryStore) -> None:
     store.put(rec(hx(1)))
     barrier = threading.Barrier(16)
@@ -107,6 +161,19 @@ def test_replace_blob(store: MemoryStore) -> None:
     assert got is not None and (got.blob, got.updated_at, got.due_at, got.status) == (b"new", 2.0, 9.0, Status.SUSPENDED)
 
 
+def test_replace_blob_sets_version_and_seal(store: MemoryStore) -> None:
+    store.put(rec(hx(1), blob=b"old").replace(version=2, seal="s2"))
+    assert store.replace_blob(hx(1), b"other", b"new", now=2.0, version=3, seal="s3") is False
+    got = store.get(hx(1))
+    assert got is not None and (got.blob, got.version, got.seal) == (b"old", 2, "s2")
+    assert store.replace_blob(hx(1), b"old", b"new", now=2.0, version=3, seal="s3") is True
+    got = store.get(hx(1))
+    assert got is not None and (got.blob, got.version, got.seal, got.updated_at) == (b"new", 3, "s3", 2.0)
+    assert store.replace_blob(hx(1), b"new", b"newer", now=3.0) is True
+    got = store.get(hx(1))
+    assert got is not None and (got.blob, got.version, got.seal) == (b"newer", 3, "s3")
+
+
 def test_base_replace_blob_default() -> None:
     class Plain(MemoryStore):
         replace_blob = BaseStore.replace_blob
@@ -117,6 +184,9 @@ def test_base_replace_blob_default() -> None:
     assert s.replace_blob(hx(9), b"old", b"new", now=2.0) is False
     assert s.replace_blob(hx(1), b"old", b"new", now=2.0) is True
     assert s.get(hx(1)).blob == b"new"  # type: ignore[union-attr]
+    assert s.replace_blob(hx(1), b"new", b"newer", now=3.0, version=4, seal="s4") is True
+    got = s.get(hx(1))
+    assert got is not None and (got.blob, got.version, got.seal, got.updated_at) == (b"newer", 4, "s4", 3.0)
 
 
 def test_scan_pages_in_key_hash_order(store: MemoryStore) -> None:

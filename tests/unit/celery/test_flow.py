@@ -99,7 +99,8 @@ def test_park_stores_one_suspension_shows_suspended_and_stops_the_chain(app: Cel
         with pytest.raises(Ignore):
             park(task, persist.binding, state, prompt="ok?", timeout=60, on_timeout="fail", notify=None, journal_name="await:parked-id")
         meta = app.backend.get_task_meta(IDS["parked"])
-        key = meta["result"]["suspension_key"]
+        key = persist.hub.unwrap_key(meta["result"]["suspension_key"])
+        assert key not in str(meta)  # the result backend holds the key wrapped, never as it is
         assert meta["status"] == SUSPENDED and meta["result"]["prompt"] == "ok?" and meta["result"]["expires_at"]
         suspension = persist.load(key)
         assert suspension.status == "suspended"
@@ -107,7 +108,7 @@ def test_park_stores_one_suspension_shows_suspended_and_stops_the_chain(app: Cel
         # A redelivered message parks nothing new: the same suspension is announced again.
         with pytest.raises(Ignore):
             park(task, persist.binding, state, prompt="ok?", timeout=60, on_timeout="fail", notify=None, journal_name="await:parked-id")
-        assert app.backend.get_task_meta(IDS["parked"])["result"]["suspension_key"] == key
+        assert persist.hub.unwrap_key(app.backend.get_task_meta(IDS["parked"])["result"]["suspension_key"]) == key
         assert len(persist.hub.list(status="suspended").items) == 1
     finally:
         task.pop_request()
@@ -203,7 +204,7 @@ def test_cancel_revokes_the_parked_step_and_the_chain_after_it(app: Celery) -> N
 def crunch(app: Celery) -> Any:
     Persist(app)
 
-    @app.task(base=PersistentTask, bind=True, name="t.crunch")
+    @app.task(base=PersistentTask, bind=True, shared=False, name="t.crunch")
     def crunch(self: PersistentTask, n: int) -> Any:
         state = self.checkpoint_state or {"done": 0}
         state["done"] += n
@@ -276,3 +277,65 @@ def test_one_binding_per_app_with_the_beat_entry(app: Celery) -> None:
     assert bind(app, lease=1) is first and first.config.lease == 60.0  # later overrides are ignored
     assert Persist(app).binding is first
     assert app.conf.beat_schedule[BEAT_ENTRY]["task"] == "celery_persist.cleanup"
+
+
+@pytest.mark.parametrize("membership", [{"group": "g-1"}, {"group": "g-1", "chord": {"task": "t.body"}}])
+def test_parking_inside_a_group_or_chord_header_is_refused(app: Celery, membership: dict[str, Any]) -> None:
+    persist = Persist(app)
+    task = app.tasks["celery_persist.await_input"]
+    task.push_request(**{**_request(app), **membership})
+    try:
+        with pytest.raises(ConfigurationError, match="group or a chord header"):
+            task.run(1, prompt="in a chord?")
+    finally:
+        task.pop_request()
+    assert persist.hub.list().items == []  # nothing parked, nothing to clean up
+
+
+def test_rename_tasks_reaches_every_signature() -> None:
+    from celery_persist.flow import rename_tasks
+
+    link = {"task": "old.b", "options": {}}
+    state = {
+        "kind": "chain",
+        "chain": [{"task": "old.c", "options": {"link": [link]}}, {"task": "keep.b", "options": {"link_error": [link]}}],
+        "callbacks": [{"task": "old.b", "options": {}}],
+        "errbacks": None,
+    }
+    new, changed = rename_tasks(state, {"old.b": "new.b", "old.c": "new.c"})
+    assert changed == 4
+    assert [s["task"] for s in new["chain"]] == ["new.c", "keep.b"]
+    assert new["chain"][0]["options"]["link"][0]["task"] == "new.b" and new["chain"][1]["options"]["link_error"][0]["task"] == "new.b"
+    assert state["chain"][0]["task"] == "old.c"  # the original is left as it was
+    rerun, n = rename_tasks({"kind": "task", "task_name": "old.b"}, {"old.b": "new.b"})
+    assert (rerun["task_name"], n) == ("new.b", 1)
+
+
+def test_a_stranded_continuation_puts_its_suspension_back(app: Celery, sent: list[dict[str, Any]]) -> None:
+    from celery_persist.keys import key_hash
+
+    persist, wrapped = _parked(app)
+    key = persist.hub.unwrap_key(wrapped)
+    persist.resume(key, "x")
+    assert persist.load(key).status == "resumed"
+    assert persist.hub.strand(key_hash(key), "missing-task:t.b")
+    assert persist.load(key).status == "suspended"
+    assert not persist.hub.strand(key_hash(key), "again")  # only a dispatched suspension goes back
+    persist.resume(key, "y")  # the same key resumes it once fixed
+    assert [m["args"][0] for m in sent if m["task"] == "t.b"] == ["x", "y"]
+
+
+def test_unknown_task_log_lines_do_not_print_a_continuation_body() -> None:
+    import logging
+
+    from celery_persist.keys import KeyRedactingFilter
+
+    text = "Received unregistered task of type %s.\nThe full contents of the message body was:\n%s\n\nheaders:\n%s"
+    record = logging.LogRecord(
+        "celery", logging.ERROR, __file__, 1, text, ("'t.b'", "(['S3CRET'], {})", "{'persist_delivery': 'x:1'}"), None
+    )
+    KeyRedactingFilter().filter(record)
+    assert "S3CRET" not in record.getMessage() and "t.b" in record.getMessage()
+    other = logging.LogRecord("celery", logging.ERROR, __file__, 1, text, ("'t.x'", "(['visible'], {})", "{}"), None)
+    KeyRedactingFilter().filter(other)
+    assert "visible" in other.getMessage()  # other apps' unknown tasks are Celery's business
