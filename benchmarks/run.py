@@ -65,7 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--update-readme", action="store_true", help="replace the results section of benchmarks/README.md")
     p.add_argument("--top", type=int, default=20, help="cProfile lines per table (--profile)")
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--what-if", default="", help="patch the library in this process as a proposal would (json-gc, no-copy, one-transition)")
     return p.parse_args(argv)
 
 
@@ -230,8 +229,6 @@ def _run_isolated(
             argv += [flag, str(value)]
     if args.quick:
         argv.append("--quick")
-    if args.what_if:
-        argv += ["--what-if", args.what_if]
     _progress(f"{t.name}: running in a child process (a cell silent for {t.cell_timeout:.0f} s is killed)")
     proc = subprocess.Popen(argv, cwd=repo, env=env, start_new_session=True)
     done: list[CellResult] = []
@@ -355,13 +352,6 @@ def _update_readme(section: str, body: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_clock(args.clock)
-    what_if = _csv(args.what_if)
-    if what_if:
-        from .whatif import apply
-
-        apply(what_if)
-        if args.update_readme:
-            raise SystemExit("--what-if runs measure proposals, not the library: they never update README.md")
     run_id = os.environ.get("CP_BENCH_RUN_ID") if args.child_out else None
     run_id = run_id or secrets.token_hex(4)
     started = time.time()
@@ -417,7 +407,6 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"Run {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, `{cmd.strip()}`, {elapsed:.0f} s, "
         f"clock: {args.clock}, load average at the end: {load_end}."
-        + (f" WHAT-IF RUN: library patched in-process with {', '.join(what_if)} (see benchmarks/proposals/)." if what_if else "")
         + "\n\n"
         + format_machine(info)
     )

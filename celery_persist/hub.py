@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import time
@@ -71,6 +72,23 @@ WRAPPED_KEY_PREFIX = _WRAP_PREFIX = "p1w."
 _FIELDS_PREFIX = b"celery-persist/record-fields/v1\0"
 _WRAP_AAD = b"celery-persist/wrapped-key/v1"
 _warned_plaintext = False
+
+
+#: The longest ttl accepted: a hundred years (a time past it overflows some stores' dates).
+MAX_TTL = 100 * 365.25 * 86400
+
+
+def _checked_ttl(ttl: float | None) -> float | None:
+    """``ttl`` if it is None, 0 or a finite number of seconds up to :data:`MAX_TTL`."""
+    if ttl is None:
+        return None
+    try:
+        value = float(ttl)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}") from None
+    if not math.isfinite(value) or value < 0 or value > MAX_TTL:
+        raise ConfigurationError(f"ttl must be between 0 and {MAX_TTL:.0f} seconds (100 years), or None for never; got {ttl!r}")
+    return value
 
 
 def _utc(ts: float | None) -> datetime | None:
@@ -386,7 +404,7 @@ class PersistenceHub:
             key = new_suspension_key(self._key_secrets)
         else:
             self._check_key(key, "suspend")
-        ttl = self.default_ttl if ttl is None else ttl
+        ttl = _checked_ttl(self.default_ttl if ttl is None else ttl)
         now = self.clock()
         expires = now + ttl if ttl else None
         fp = fingerprint(key)
@@ -808,7 +826,7 @@ class PersistenceHub:
         """Durably store ``state`` under ``name`` (e.g. a task id), replacing the last one."""
         kh = self.checkpoint_hash(name)
         now = self.clock()
-        ttl = self.default_ttl if ttl is None else ttl
+        ttl = _checked_ttl(self.default_ttl if ttl is None else ttl)
         self.store.put(self._build(kh, Kind.CHECKPOINT, Status.ACTIVE, state, metadata, now, now + ttl if ttl else None, kh[:12]))
 
     def checkpoint_record(self, name: str) -> StoredRecord | None:

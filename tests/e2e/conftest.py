@@ -49,6 +49,7 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
         start: bool = True,
         loglevel: str = "INFO",
         encrypted: bool = True,
+        store_url: str | None = None,
         **broker_options: Any,
     ) -> Stack:
         if store == "postgresql" and (reason := postgres_up()):
@@ -57,7 +58,9 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
             missing(reason)
         label = f"{store}{next(_label_counter)}"
         ns = f"{SESSION_NS}-{label}"
-        store_url, store_options, drop = store_for(store, label, workdir)
+        url, store_options, drop = store_for(store, label, workdir)
+        if store_url is not None:  # a store of the test's own, e.g. a private server it restarts
+            url, store_options, drop = store_url, {"prefix": ns}, lambda: None
         cleanups.append(drop)
         if broker == "redis":
             broker_url = redis_db(REDIS_URL, BROKER_DB)
@@ -73,7 +76,7 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
             "queue": f"{ns}.q",
             "hostname": f"{ns}@{socket.gethostname()}",
             "record_url": redis_db(REDIS_URL, RECORD_DB),
-            "store_url": store_url,
+            "store_url": url,
             "store_options": store_options,
             "keys": new_key() if encrypted else None,
             "secret": uuid.uuid4().hex if encrypted else None,

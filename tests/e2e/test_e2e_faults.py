@@ -6,6 +6,7 @@ import multiprocessing
 import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from celery import chain, chord, group
@@ -14,6 +15,9 @@ from celery_persist import Persist
 from celery_persist.flow import rename_tasks
 from tests.e2e import flows
 from tests.e2e.harness import Stack, wait_for
+from tests.integration.test_redis_store import RedisServer
+
+N_OUTAGE = 60
 
 pytestmark = pytest.mark.e2e
 
@@ -122,3 +126,34 @@ def test_task_aliases_send_a_parked_flow_to_the_renamed_task(make_stack: Callabl
         assert stack.persist.load(key).status == "resumed"
     finally:
         stack.close()
+
+
+def test_parks_ride_out_store_restarts(make_stack: Callable[..., Stack], tmp_path: Path) -> None:
+    """A private Redis store (AOF, fsync always) is killed and restarted twice while a real worker parks."""
+    server = RedisServer(tmp_path / "store", appendonly="yes", appendfsync="always")
+    server.start()
+    stack = make_stack(store="sqlite", store_url=server.url)
+    try:
+        tag = stack.tag()
+        first = chain(stack.await_input(prompt="warm-up", timeout=600), stack.sig("e2e.publish", tag=tag)).apply_async()
+        keys = [stack.persist.suspension_key(first, timeout=20)]  # the worker has its store set up
+        flows_ = [
+            chain(stack.await_input(prompt=f"flow {i}", timeout=600), stack.sig("e2e.publish", tag=tag)).apply_async()
+            for i in range(N_OUTAGE)
+        ]
+        for outage in (1.0, 3.0):  # seconds the store is away: what a restart or failover costs
+            server.kill()
+            time.sleep(outage)  # the fault itself, not a wait for something
+            server.start()
+        keys += [stack.persist.suspension_key(r, timeout=120) for r in flows_]
+        assert len(set(keys)) == N_OUTAGE + 1  # every park survived: none failed on the outage
+        assert b"store unavailable during the park" in stack.worker.log_path.read_bytes()  # the outage did hit parks
+        for i, key in enumerate(keys):
+            stack.persist.resume(key, i)
+        assert [r.get(timeout=60) for r in [first, *flows_]] == [{"published": i} for i in range(N_OUTAGE + 1)]
+        stack.sig("e2e.publish", "sentinel", tag=f"{tag}:sentinel").apply_async()
+        stack.wait_recorded(f"{tag}:sentinel", 1, timeout=30)
+        assert sorted(stack.recorded(tag)) == list(range(N_OUTAGE + 1))
+    finally:
+        stack.close()
+        server.stop()

@@ -1072,3 +1072,14 @@ def test_reissue_moves_a_suspension_to_a_new_key(store: RecordingStore, clock: F
     assert resumed.state == {"x": 1} and resumed.metadata == {"m": 1}
     with pytest.raises(AlreadyResumed):
         hub.reissue(key_hash(new))  # nothing new is written for a finished suspension
+
+
+@pytest.mark.parametrize("ttl", [float("inf"), float("nan"), 1e300, -1, "soon"])
+def test_an_impossible_ttl_is_refused_before_anything_is_written(hub: PersistenceHub, store: RecordingStore, ttl: Any) -> None:
+    store.calls.clear()
+    with pytest.raises(ConfigurationError, match="ttl"):
+        hub.suspend(STATE, ttl=ttl)
+    with pytest.raises(ConfigurationError, match="ttl"):
+        hub.save_checkpoint("c", STATE, ttl=ttl)
+    assert store.calls == []
+    assert hub.list().items == []
