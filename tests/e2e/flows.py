@@ -74,6 +74,7 @@ def make_app(config: dict[str, Any]) -> Celery:
         # No beat here; the tests run cleanup themselves (in-process and as a task).
         persist_cleanup_interval=None,
         persist_task_aliases=config.get("aliases"),
+        persist_lease=config.get("lease", 60),
     )
     # A deploy that renamed tasks: {"e2e.publish": "e2e.publish_v2"} registers publish under the new name.
     renamed = config.get("renamed") or {}
