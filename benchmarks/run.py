@@ -406,9 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         load_end = "?"
     header = (
         f"Run {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, `{cmd.strip()}`, {elapsed:.0f} s, "
-        f"clock: {args.clock}, load average at the end: {load_end}."
-        + "\n\n"
-        + format_machine(info)
+        f"clock: {args.clock}, load average at the end: {load_end}." + "\n\n" + format_machine(info)
     )
     if hub_md:
         parts.append("### Hub suspend / resume vs raw floor\n\n" + hub_md)

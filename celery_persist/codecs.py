@@ -25,6 +25,10 @@ Codecs:
     immutable, so a cycle through one cannot be rebuilt; it is refused).
     Enum members are written as their value on both paths, as orjson does.
 
+  A payload that does not decode (not JSON, an unknown tag, a tagged value out
+  of range such as a ``td`` past ``timedelta.max``) raises
+  :class:`~celery_persist.errors.IntegrityError`, as a bad envelope does.
+
 * ``pickle`` (id 2) and ``dill`` (id 3): any Python object. They are
   *unsafe*: :class:`~celery_persist.serializer.StateSerializer` decodes them
   only from bytes whose authenticity was proven by the caller.
@@ -272,12 +276,14 @@ class JsonCodec:
                 return orjson.loads(body)
             if form == _TAGGED:
                 return _Untagger().dec(json.loads(bytes(body)))
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
-            raise SerializationError(f"json payload does not decode: {type(exc).__name__}") from None
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError, ArithmeticError) as exc:
+            # Corrupt or crafted bytes, as a bad envelope is: OverflowError from a "td" beyond
+            # timedelta's range, decimal.InvalidOperation (an ArithmeticError) from a bad "dec".
+            raise IntegrityError(f"json payload does not decode: {type(exc).__name__}") from None
         finally:
             if enabled:
                 gc.enable()
-        raise SerializationError("json payload has an unknown form marker")
+        raise IntegrityError("json payload has an unknown form marker")
 
 
 class PickleCodec:

@@ -605,8 +605,14 @@ class PersistenceHub:
             page = self.store.scan(kind=Kind.SUSPENSION, status=Status.SUSPENDED, limit=batch, cursor=cursor, with_blob=True)
             for rec in page.items:
                 fp = rec.key_hash[:12]
-                self._verify(rec, fp)
-                state, count = change(self._open_record(rec, fp))
+                try:
+                    if rec.poisoned is not None:
+                        raise IntegrityError(rec.poisoned, key=fp, store=self.store.name)
+                    self._verify(rec, fp)
+                    state, count = change(self._open_record(rec, fp))
+                except (IntegrityError, EncryptionError) as exc:  # one bad record must not stop the rest
+                    self._audit("rewrite", fp, f"skipped:{type(exc).__name__}")
+                    continue
                 if not count:
                     continue
                 fresh = self._build(rec.key_hash, rec.kind, rec.status, state, rec.metadata, rec.created_at, rec.expires_at, fp)
@@ -814,7 +820,9 @@ class PersistenceHub:
             raise ConfigurationError(f"unknown status {status!r}; one of {[s.value for s in Status]}") from None
         page = self.store.scan(kind=Kind.SUSPENSION, status=st, limit=limit, cursor=cursor)
         now = self.clock()
-        return Page([self._view(r, None, now=now) for r in page.items], page.next_cursor)
+        # A row the store cannot decode is not a suspension anyone can act on: it is left
+        # out here (one bad row must not break a listing); stats() counts it as unreadable.
+        return Page([self._view(r, None, now=now) for r in page.items if r.poisoned is None], page.next_cursor)
 
     # -- checkpoints -----------------------------------------------------------------------
 

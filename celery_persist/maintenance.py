@@ -66,9 +66,20 @@ def _cleanup_one(
 ) -> int:
     store = hub.store
     fp = rec.key_hash[:12]
+    if rec.poisoned is not None:
+        # A row the store cannot even decode: take it out of the due index (kept for
+        # inspection) so it never blocks the records behind it, and say so once.
+        if store.quarantine(rec.key_hash):
+            hub._audit("quarantine", fp, f"undecodable:{rec.poisoned}")
+            return 1
+        return 0
     try:
         hub._verify(rec, fp)  # a forged status or time must not make cleanup delete, expire or re-open
     except IntegrityError:
+        # Tampered with: never acted on, and out of the due index so the rest goes on.
+        if store.quarantine(rec.key_hash):
+            hub._audit("quarantine", fp, "seal-mismatch")
+            return 1
         return 0
     if rec.kind is not Kind.SUSPENSION or rec.status in TERMINAL:
         return int(store.delete(rec.key_hash))
@@ -148,7 +159,7 @@ def rotate_keys(hub: PersistenceHub, *, batch: int = 200, on_record: Callable[[s
     while True:
         page = hub.store.scan(limit=batch, cursor=cursor, with_blob=True)
         for rec in page.items:
-            outcome = _rotate_one(hub, keyring, rec)
+            outcome = "unreadable" if rec.poisoned is not None else _rotate_one(hub, keyring, rec)
             counts[outcome] += 1
             if on_record is not None:
                 on_record(outcome)
@@ -194,7 +205,7 @@ def adopt_unsealed(hub: PersistenceHub, *, batch: int = 200) -> int:
     while True:
         page = hub.store.scan(limit=batch, cursor=cursor, with_blob=True)
         for rec in page.items:
-            if rec.seal or rec.version:
+            if rec.poisoned is not None or rec.seal or rec.version:
                 continue
             try:
                 hub._open_record(rec)
@@ -215,12 +226,15 @@ def stats(hub: PersistenceHub, *, batch: int = 1000) -> dict[str, Any]:
     """Suspensions by status, oldest suspended age, checkpoints (see :meth:`PersistenceHub.stats`)."""
     now = hub.clock()
     by_status: dict[str, int] = {}
-    checkpoints = 0
+    checkpoints = unreadable = 0
     oldest: float | None = None
     cursor: str | None = None
     while True:
         page = hub.store.scan(limit=batch, cursor=cursor)
         for rec in page.items:
+            if rec.poisoned is not None:
+                unreadable += 1
+                continue
             if rec.kind is not Kind.SUSPENSION:
                 checkpoints += 1
                 continue
@@ -234,5 +248,6 @@ def stats(hub: PersistenceHub, *, batch: int = 1000) -> dict[str, Any]:
     return {
         "suspensions": by_status,
         "checkpoints": checkpoints,
+        "unreadable": unreadable,
         "oldest_suspended_age": None if oldest is None else round(now - oldest, 3),
     }

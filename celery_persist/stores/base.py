@@ -16,6 +16,14 @@ never decides policy: the hub does. What a store must guarantee:
   O(records due), not O(records stored).
 * :meth:`BaseStore.scan` pages by ``key_hash`` with a cursor: no duplicates,
   no gaps for records that exist for the whole walk.
+* One bad row never stops the rest. Every store decodes its rows through
+  :func:`decode_record` and :func:`salvage`: a row edited into something that
+  does not decode (metadata that is not JSON, an unknown status, a missing or
+  mistyped field) makes :meth:`BaseStore.get` raise
+  :class:`~celery_persist.errors.IntegrityError`, and comes back from
+  :meth:`BaseStore.scan` and :meth:`BaseStore.due` as a placeholder whose
+  ``poisoned`` says why (see :func:`poisoned_record`), so the hub can act on its
+  key hash: :meth:`BaseStore.quarantine` takes it out of the due index.
 
 Expiry has side effects (timeouts run errbacks, leases re-open), so no store
 lets its database drop records on its own through a native TTL.
@@ -27,9 +35,13 @@ import abc
 import dataclasses
 import enum
 import json
+import re
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
+
+from ..errors import IntegrityError
 
 __all__ = [
     "Status",
@@ -44,6 +56,12 @@ __all__ = [
     "token_changes",
     "dump_metadata",
     "load_metadata",
+    "UndecodableRecord",
+    "ROW_ERRORS",
+    "decode_record",
+    "poisoned_record",
+    "salvage",
+    "decoded",
 ]
 
 _Row = TypeVar("_Row")
@@ -115,6 +133,11 @@ class StoredRecord:
             times, version, which blob). Opaque to stores, which store and return
             it exactly and never compute or check it; hex text, may be empty
             (records written before it existed).
+        poisoned: None for a record read back whole. For a stored row that does
+            not decode, a short reason (``"metadata is not JSON"``, ``"unknown
+            status 'revived'"``; never the row's content): :meth:`BaseStore.scan`
+            and :meth:`BaseStore.due` return such a row as a placeholder (see
+            :func:`poisoned_record`) whose other fields mean nothing. Never written.
     """
 
     key_hash: str
@@ -128,6 +151,7 @@ class StoredRecord:
     updated_at: float = 0.0
     version: int = 0
     seal: str = ""
+    poisoned: str | None = None
 
     def replace(self, **changes: Any) -> StoredRecord:
         return dataclasses.replace(self, **changes)
@@ -158,7 +182,13 @@ class ScanRange:
     cursor: str | None = None
 
     def matches(self, record: StoredRecord) -> bool:
-        """True when ``record`` has the wanted kind and status."""
+        """True when ``record`` has the wanted kind and status.
+
+        A poisoned placeholder always matches: its real kind and status are
+        unknown, and leaving it out would hide the damage from the listing.
+        """
+        if record.poisoned is not None:
+            return True
         return (self.kind is None or record.kind == self.kind) and (self.status is None or record.status == self.status)
 
     def page(self, rows: Sequence[_Row], key: Callable[[_Row], str]) -> tuple[list[_Row], str | None]:
@@ -205,13 +235,201 @@ def load_metadata(text: str | bytes | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+class UndecodableRecord(ValueError):
+    """A stored row that does not decode into a :class:`StoredRecord`.
+
+    The message is a short reason fit for logs and errors: it names the field and
+    what is wrong with it, never the row's content.
+    """
+
+
+#: What decoding a row may raise besides :class:`UndecodableRecord`; :func:`salvage`
+#: turns any of them into a poisoned placeholder (``json.JSONDecodeError`` and
+#: ``UnicodeDecodeError`` are ``ValueError``-s).
+ROW_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError, RecursionError)
+
+#: Longest stored kind / status value a reason quotes.
+_QUOTED = 24
+_FIELD_NAME = re.compile(r"[a-z_]{1,32}")
+_Member = TypeVar("_Member", Kind, Status)
+
+
+def _quote(value: str) -> str:
+    return repr(value if len(value) <= _QUOTED else value[:_QUOTED] + "...")
+
+
+def _text(value: Any, name: str) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise UndecodableRecord(f"{name} is not UTF-8 text") from None
+    if not isinstance(value, str):
+        raise UndecodableRecord(f"{name} is not text")
+    return value
+
+
+def _member(cls: type[_Member], value: Any, name: str) -> _Member:
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        raise UndecodableRecord(f"{name} is missing")
+    text = _text(value, name)
+    try:
+        return cls(text)
+    except ValueError:
+        raise UndecodableRecord(f"unknown {name} {_quote(text)}") from None
+
+
+def _opt_time(value: Any, name: str) -> float | None:
+    return None if value is None else _time(value, name)
+
+
+def _time(value: Any, name: str) -> float:
+    if value is None:
+        raise UndecodableRecord(f"{name} is missing")
+    if isinstance(value, bool):
+        raise UndecodableRecord(f"{name} is not a number")
+    try:
+        if isinstance(value, bytes | bytearray | memoryview):
+            value = bytes(value).decode("ascii")
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise UndecodableRecord(f"{name} is not a number") from None
+
+
+def _version(value: Any) -> int:
+    if value is None:
+        return 0  # written before versions existed
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str | bytes | bytearray):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise UndecodableRecord("version is not an integer")
+
+
+def _metadata(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    try:
+        if isinstance(value, Mapping):
+            # A copy through JSON, so a caller cannot reach into what a store keeps.
+            return load_metadata(dump_metadata(value))
+        if isinstance(value, str | bytes | bytearray):
+            return load_metadata(bytes(value) if isinstance(value, bytearray) else value)
+    except (ValueError, TypeError, RecursionError):
+        raise UndecodableRecord("metadata is not JSON") from None
+    raise UndecodableRecord("metadata is not JSON text")
+
+
+def _blob(value: Any) -> bytes:
+    if value is None:
+        return b""
+    if type(value) is bytes:
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise UndecodableRecord("blob is not bytes")
+
+
+def decode_record(
+    key_hash: str,
+    *,
+    kind: Any,
+    status: Any,
+    metadata: Any,
+    created_at: Any,
+    updated_at: Any,
+    expires_at: Any = None,
+    due_at: Any = None,
+    blob: Any = b"",
+    version: Any = None,
+    seal: Any = None,
+) -> StoredRecord:
+    """A :class:`StoredRecord` from the values a store read, each checked; every store decodes through this.
+
+    Accepts what drivers hand back: text or UTF-8 bytes for ``kind``, ``status``,
+    ``seal`` and numbers (Redis), JSON text, bytes or a mapping for ``metadata``
+    (None and ``""`` are ``{}``, and JSON that is not an object reads as ``{}``),
+    numbers for times. A None ``version`` / ``seal`` reads as ``0`` / ``""`` (rows
+    written before they existed).
+
+    Raises:
+        UndecodableRecord: A field is missing, of the wrong type, or not one of
+            the known values; the message names which (see :func:`salvage`).
+    """
+    return StoredRecord(
+        key_hash=key_hash,
+        kind=_member(Kind, kind, "kind"),
+        status=_member(Status, status, "status"),
+        blob=_blob(blob),
+        metadata=_metadata(metadata),
+        created_at=_time(created_at, "created_at"),
+        expires_at=_opt_time(expires_at, "expires_at"),
+        due_at=_opt_time(due_at, "due_at"),
+        updated_at=_time(updated_at, "updated_at"),
+        version=_version(version),
+        seal="" if seal is None else _text(seal, "seal"),
+    )
+
+
+def poisoned_record(key_hash: str, reason: str) -> StoredRecord:
+    """The placeholder :meth:`BaseStore.scan` and :meth:`BaseStore.due` return for a row that does not decode.
+
+    Only ``key_hash`` and ``poisoned`` mean anything; kind, status and blob are
+    fixed stand-ins (``suspension``, ``suspended``, ``b""``) and every time is unset.
+    """
+    return StoredRecord(key_hash=key_hash, kind=Kind.SUSPENSION, status=Status.SUSPENDED, blob=b"", poisoned=reason)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UndecodableRecord | IntegrityError):
+        return str(exc.args[0]) if exc.args else type(exc).__name__
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) and _FIELD_NAME.fullmatch(exc.args[0]):
+        return f"{exc.args[0]} is missing"  # our own field names only, never a value
+    return f"record does not decode ({type(exc).__name__})"
+
+
+def salvage(key_hash: str, decode: Callable[[], StoredRecord]) -> StoredRecord:
+    """``decode()``, or, when the row does not decode, its :func:`poisoned_record` placeholder.
+
+    ``decode`` turns one row already read into a record (through :func:`decode_record`);
+    it may also raise a store's own :class:`~celery_persist.errors.IntegrityError`
+    (a file store's truncated header). Driver and I/O errors pass through.
+    """
+    try:
+        return decode()
+    except (UndecodableRecord, IntegrityError) as exc:
+        return poisoned_record(key_hash, _reason(exc))
+    except ROW_ERRORS as exc:
+        return poisoned_record(key_hash, _reason(exc))
+
+
+def decoded(record: StoredRecord, *, store: str) -> StoredRecord:
+    """``record`` itself, for :meth:`BaseStore.get`; a poisoned placeholder raises instead.
+
+    Raises:
+        IntegrityError: The row does not decode; the message is the reason.
+    """
+    if record.poisoned is not None:
+        raise IntegrityError(record.poisoned, key=record.key_hash[:12], store=store)
+    return record
+
+
 class BaseStore(abc.ABC):
     """Abstract store; subclasses implement the six abstract methods.
 
     ``put``, ``get``, ``delete``, ``transition``, ``scan`` and ``due`` are abstract;
-    ``setup``, ``put_many``, ``replace_blob``, ``health`` and ``close`` have working defaults.
-    Implementations connect lazily, reconnect after ``fork()``, and map their
-    driver's transient errors to :class:`~celery_persist.errors.StoreUnavailable`.
+    ``setup``, ``put_many``, ``replace_blob``, ``quarantine``, ``health`` and ``close``
+    have working defaults. Implementations connect lazily, reconnect after ``fork()``,
+    map their driver's transient errors to :class:`~celery_persist.errors.StoreUnavailable`
+    (the message names the driver's cause, masked: see :func:`.drivers.describe`),
+    and decode rows through :func:`decode_record` / :func:`salvage`.
     """
 
     #: URL schemes this class serves (for messages and the conformance suite).
@@ -298,6 +516,25 @@ class BaseStore(abc.ABC):
     @abc.abstractmethod
     def due(self, now: float, limit: int = 100) -> list[StoredRecord]:
         """Up to ``limit`` records with ``due_at <= now``, earliest first, with blobs."""
+
+    def quarantine(self, key_hash: str) -> bool:
+        """Take the record out of the due index for good, keeping the row for inspection.
+
+        For a record cleanup must stop looking at: one that does not decode (a
+        ``poisoned`` placeholder), or whose seal does not verify. Its ``due_at``
+        becomes None; nothing else changes, so nothing but a later ``put`` (or a
+        ``transition`` that sets ``due_at``) puts it back in :meth:`due`. Works on
+        a row that does not decode: it never decodes the row. Atomic per store.
+
+        Default: a ``transition`` from each status to itself with ``due_at=None``,
+        which keeps every field but ``due_at`` and ``updated_at``; it cannot reach a
+        row whose status itself is unreadable, so every bundled store overrides it.
+
+        Returns:
+            True if the record existed.
+        """
+        now = time.time()
+        return any(self.transition(key_hash, {status}, status, due_at=None, now=now) for status in Status)
 
     def replace_blob(
         self,

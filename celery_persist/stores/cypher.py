@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError
-from .base import dump_metadata, load_metadata
+from .base import UndecodableRecord, dump_metadata, load_metadata
 
-__all__ = ["Dialect", "literal", "as_bytes", "packed", "load_meta", "NEO4J_QUERY_BYTES", "FALKORDB_QUERY_BYTES"]
+__all__ = ["Dialect", "literal", "as_bytes", "packed", "load_meta", "meta_text", "NEO4J_QUERY_BYTES", "FALKORDB_QUERY_BYTES"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -118,9 +118,21 @@ class Dialect:
 
 def load_meta(value: Any) -> dict[str, Any]:
     """Inverse of :meth:`Dialect.dump_meta`, for either dialect."""
+    return load_metadata(meta_text(value))
+
+
+def meta_text(value: Any) -> Any:
+    """The metadata's JSON text as stored by either dialect (base64 undone); other values as they are.
+
+    Raises:
+        UndecodableRecord: ``b64:`` text that is not base64 of UTF-8.
+    """
     if isinstance(value, str) and value.startswith(_META_B64):
-        return load_metadata(base64.b64decode(value[len(_META_B64) :]).decode("utf-8"))
-    return load_metadata(value)
+        try:
+            return base64.b64decode(value[len(_META_B64) :], validate=True).decode("utf-8")
+        except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+            raise UndecodableRecord("metadata is not base64 JSON text") from None
+    return value
 
 
 def literal(value: Any) -> str:
@@ -152,12 +164,22 @@ def literal(value: Any) -> str:
 
 
 def as_bytes(value: Any) -> bytes:
-    """A blob or chunk property as read back: bytes from Neo4j, base64 text from FalkorDB."""
+    """A blob or chunk property as read back: bytes from Neo4j, base64 text from FalkorDB.
+
+    Raises:
+        UndecodableRecord: Anything else (``bytes(n)`` of a number edited into a node
+            would allocate ``n`` bytes), or text that is not base64.
+    """
     if value is None:
         return b""
     if isinstance(value, str):  # FalkorDB: base64 text
-        return base64.b64decode(value)
-    return value if type(value) is bytes else bytes(value)
+        try:
+            return base64.b64decode(value, validate=True)
+        except ValueError:
+            raise UndecodableRecord("blob is not base64 text") from None
+    if isinstance(value, bytes | bytearray | memoryview):
+        return value if type(value) is bytes else bytes(value)
+    raise UndecodableRecord("blob is not bytes")
 
 
 def packed(items: Sequence[Any], size_of: Callable[[Any], int], budget: int, most: int) -> Iterator[list[Any]]:

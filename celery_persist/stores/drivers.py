@@ -1,4 +1,4 @@
-"""Helpers every store shares: optional-driver import and URL masking."""
+"""Helpers every store shares: optional-driver import, URL masking, and driver errors told safely."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import re
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
-from urllib.parse import quote, unquote, unquote_plus
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 from kombu.utils.url import maybe_sanitize_url
 
 from ..errors import ConfigurationError
 
-__all__ = ["require", "mask_url"]
+__all__ = ["require", "mask_url", "describe"]
 
 
 def require(module: str, *, extra: str, store: str | None = None) -> ModuleType:
@@ -159,3 +159,82 @@ def _mask_query(query: str) -> str | None:
         else:
             out.append(_MASK if in_secret else segment)
     return "".join(out)
+
+
+#: Longest driver message :func:`describe` keeps.
+_DESCRIBED = 240
+#: A URL inside a driver's message: up to whitespace, a quote or a bracket.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]+")
+#: Where a server's message starts quoting the statement, its values or its context:
+#: PostgreSQL's ``LINE n:`` / ``DETAIL:`` lines, MySQL's ``... near '<statement>' at line n``.
+_DETAIL_LINES = re.compile(r"\n\s*(?:LINE \d+:|DETAIL:|CONTEXT:|QUERY:|PARAMETERS:)| near '")
+#: ``name=value`` (libpq conninfo, query strings) or ``'name': value`` (the ``repr`` of an
+#: options dict) under a secret-looking name.
+_SECRET_PAIR = re.compile(
+    r"(?P<q>['\"]?)(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P=q)"
+    r"(?P<eq>\s*=\s*|(?<=['\"])\s*:\s*)"
+    r"(?P<value>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,;&)}\]]+)"
+)
+
+
+def describe(exc: BaseException, *, url: str | None = None, password: str | None = None) -> str:
+    """``"ClassName: the driver's message"``, short and safe to show, for store error messages.
+
+    The driver's own words name the cause (``connection refused``, the host and
+    port, ``the database system is starting up``), which a bare class name hides.
+    They can also quote a DSN or a URL (psycopg on a bad conninfo, redis-py on a
+    bad option), so every URL in them is shown through :func:`mask_url`, the value
+    of every ``name=value`` pair whose name looks secret becomes ``***``, the
+    password of ``url`` (the store's own URL) and ``password`` are cut out wherever
+    they appear, and the text is cut to 240 characters on one line. Where a server
+    starts quoting the statement or row values (PostgreSQL's ``LINE n:`` /
+    ``DETAIL:`` / ``CONTEXT:`` / ``QUERY:`` lines, MySQL's ``near '...'``) the rest
+    is dropped.
+
+    Example:
+        >>> describe(ConnectionRefusedError(111, "Connection refused"))
+        'ConnectionRefusedError: [Errno 111] Connection refused'
+    """
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - a message must never fail to build
+        return name
+    text = _DETAIL_LINES.split(text, maxsplit=1)[0]
+    # The known passwords first: masking a URL can split one (a space or quote in it ends
+    # the URL's match) and leave its tail where it could no longer be recognised.
+    for secret in sorted({*_passwords(url), *([password] if password else [])}, key=len, reverse=True):
+        text = _cut(text, secret)
+    text = " ".join(text.split())
+    text = _URL_IN_TEXT.sub(lambda m: mask_url(m.group(0)), text)
+    text = _SECRET_PAIR.sub(_mask_pair, text)
+    if len(text) > _DESCRIBED:
+        text = text[: _DESCRIBED - 3] + "..."
+    return f"{name}: {text}" if text else name
+
+
+def _mask_pair(match: re.Match[str]) -> str:
+    key = match["name"].lower()
+    if key in _NOT_SECRET or not any(word in key for word in _SECRET_WORDS) or match["value"] == _MASK:
+        return match.group(0)
+    return f"{match['q']}{match['name']}{match['q']}{match['eq']}{_MASK}"
+
+
+def _passwords(url: str | None) -> list[str]:
+    """The password of ``url`` as written and percent-decoded (none when it has none or cannot be split)."""
+    if not url:
+        return []
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return []
+    userinfo = netloc.rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    return sorted({p for p in (password, unquote(password)) if p}, key=len, reverse=True)
+
+
+def _cut(text: str, secret: str) -> str:
+    if len(secret) >= 4:
+        return text.replace(secret, _MASK)
+    # A short password would also match inside ordinary words: cut it only where it stands alone.
+    return re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", _MASK, text)

@@ -37,10 +37,25 @@ renamed into place, and stale ones removed after, so a crash can leave an
 extra marker, never a missing one.
 
 Safety: key hashes must be 64 lowercase hex digits (nothing can name a path
-outside the directory); record and lock files are opened with ``O_NOFOLLOW``
-and the store's own directories must not be symlinks, so a planted symlink is
-refused, not followed. Everything the store creates is private to its user:
+outside the directory). Only the URL's own directory may be a symlink (the
+operator chose it): every directory below it (the prefix, ``records``, ``due``,
+``locks``, shards, buckets) is opened component by component from a directory
+fd with ``O_NOFOLLOW`` (``openat``), and every record, marker and lock file with
+``O_NOFOLLOW`` (and ``O_NONBLOCK``, so a planted FIFO cannot hang an open;
+record files must then be regular files). A planted symlink is tampering: it
+is refused with :class:`~celery_persist.errors.IntegrityError`, never followed,
+and what it points at is never read or written (``delete()`` removes a planted
+record link itself). Everything the store creates is private to its user:
 files 0600, directories 0700 (missing parents of the URL's directory too).
+
+Records that do not decode: a record file whose header is not JSON, is
+truncated, holds an unknown status or a missing or mistyped field (or is a
+planted link) makes ``get()``, ``transition()`` and ``replace_blob()`` raise
+``IntegrityError``, and comes back from ``scan()`` / ``due()`` as a poisoned
+placeholder (its due marker is kept, so cleanup sees it). ``quarantine()``
+rewrites the header with ``due_at`` null under the shard lock and removes the
+marker (every marker of the key, when the header does not parse), leaving the
+rest of the file as it was.
 
 Fork: the store keeps no open file or connection between calls; a child
 re-creates its in-process locks (one held by another parent thread at fork
@@ -67,14 +82,29 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError, IntegrityError, StoreUnavailable
-from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord, token_changes
-from .drivers import mask_url
+from .base import (
+    KEEP,
+    BaseStore,
+    Keep,
+    Kind,
+    Page,
+    ScanRange,
+    Status,
+    StoredRecord,
+    UndecodableRecord,
+    decode_record,
+    decoded,
+    poisoned_record,
+    salvage,
+    token_changes,
+)
+from .drivers import describe, mask_url
 
 __all__ = ["FileStore", "BUCKET_SECONDS", "make_private_dirs"]
 
@@ -91,9 +121,15 @@ _MASK64 = (1 << 64) - 1
 _SIGN = 1 << 63
 # A temp file this old belongs to a writer that died; setup() removes it.
 _STALE_TMP_SECONDS = 3600.0
-_OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted where a file should be must not hang the open (no effect on
+# regular files, which are checked with fstat after the open).
+_OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: The URL's own directory only: the operator may have made it a symlink.
+_OPEN_DIR_FOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _OPEN_TMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_MARKER = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_LOCK = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # Errors that mean "the disk or the mount is in trouble", worth a retry later.
 _TRANSIENT = frozenset(
     {
@@ -136,10 +172,10 @@ def _bucket(due_at: float) -> str:
 _T = TypeVar("_T")
 
 
-def _checked(value: Any, kind: type[_T]) -> _T:
-    """``value`` if it is a ``kind`` (a bool is not an int here); TypeError otherwise."""
+def _checked(value: Any, kind: type[_T], name: str) -> _T:
+    """``value`` if it is a ``kind`` (a bool is not an int here); UndecodableRecord otherwise."""
     if type(value) is not kind:
-        raise TypeError(f"expected {kind.__name__}")
+        raise UndecodableRecord(f"{name} is not {'an integer' if kind is int else 'text'}")
     return value
 
 
@@ -179,11 +215,27 @@ def _fsync_all(fds: list[int]) -> None:
 
 
 def _fsync_dir(path: str) -> None:
-    fd = os.open(path, _OPEN_DIR)
+    fd = os.open(path, _OPEN_DIR_FOLLOW)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _open_subdir(dir_fd: int, name: str) -> int:
+    """An fd of directory ``name`` inside ``dir_fd``, never through a symlink.
+
+    Raises:
+        OSError: ``ELOOP`` when ``name`` is a symlink (a planted link: the store maps it
+            to IntegrityError), ``FileNotFoundError`` when it is missing.
+    """
+    try:
+        return os.open(name, _OPEN_DIR, dir_fd=dir_fd)
+    except OSError as exc:
+        # O_DIRECTORY | O_NOFOLLOW on a symlink fails with ENOTDIR on Linux, not ELOOP.
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP) and stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode):
+            raise OSError(errno.ELOOP, "a store directory is a symlink") from None
+        raise
 
 
 class _DueMarkers:
@@ -199,10 +251,15 @@ class _DueMarkers:
     its record. (A sorted directory keeps one source of truth on one kind of
     storage, with the same crash rules as the records, where an SQLite index file
     would not.)
+
+    ``open_due`` opens ``due/`` (an fd, no symlink on the way followed) and
+    ``make_dirs`` creates the store's directories; every bucket is opened from
+    that fd with ``O_NOFOLLOW``, so a planted symlink is refused, not followed.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, open_due: Callable[[], int], make_dirs: Callable[[], None]) -> None:
+        self._open_due = open_due
+        self._make_dirs = make_dirs
 
     @staticmethod
     def locate(due_at: float, key_hash: str) -> tuple[str, str]:
@@ -216,41 +273,61 @@ class _DueMarkers:
             return []
         return [cls.locate(new, key_hash)]
 
+    @contextlib.contextmanager
+    def _due(self, *, create: bool) -> Iterator[int | None]:
+        """``due/`` as an fd; None when it does not exist and ``create`` is False."""
+        try:
+            dfd = self._open_due()
+        except FileNotFoundError:
+            if not create:
+                yield None
+                return
+            self._make_dirs()
+            dfd = self._open_due()
+        try:
+            yield dfd
+        finally:
+            os.close(dfd)
+
     def add(self, markers: Iterable[tuple[str, str]]) -> None:
         """Create markers and make them durable (before the records that need them)."""
         by_bucket: dict[str, list[str]] = {}
         for bucket, name in markers:
             by_bucket.setdefault(bucket, []).append(name)
-        for bucket, names in by_bucket.items():
-            path = os.path.join(self.path, bucket)
-            for _attempt in range(100):
-                try:
-                    self._add_to_bucket(path, names)
-                    break
-                except FileNotFoundError:
-                    # walk() removes empty past buckets; re-create and try again.
-                    continue
-            else:
-                raise OSError(errno.EAGAIN, "due bucket keeps disappearing")
+        if not by_bucket:
+            return
+        with self._due(create=True) as dfd:
+            if dfd is None:  # not reached: create=True opens it or raises
+                return
+            for bucket, names in by_bucket.items():
+                for _attempt in range(100):
+                    try:
+                        self._add_to_bucket(dfd, bucket, names)
+                        break
+                    except FileNotFoundError:
+                        # walk() removes empty past buckets; re-create and try again.
+                        continue
+                else:
+                    raise OSError(errno.EAGAIN, "due bucket keeps disappearing")
 
-    def _add_to_bucket(self, path: str, names: list[str]) -> None:
+    @staticmethod
+    def _add_to_bucket(dfd: int, bucket: str, names: list[str]) -> None:
         try:
-            dfd = os.open(path, _OPEN_DIR)
+            bfd = _open_subdir(dfd, bucket)
         except FileNotFoundError:
             try:
-                make_private_dirs(self.path)
-                os.mkdir(path, 0o700)
+                os.mkdir(bucket, 0o700, dir_fd=dfd)
             except FileExistsError:
                 pass
             else:
-                _fsync_dir(self.path)
-            dfd = os.open(path, _OPEN_DIR)
+                os.fsync(dfd)
+            bfd = _open_subdir(dfd, bucket)
         try:
             for name in names:
-                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd))
-            os.fsync(dfd)
+                os.close(os.open(name, _OPEN_MARKER, 0o600, dir_fd=bfd))
+            os.fsync(bfd)
         finally:
-            os.close(dfd)
+            os.close(bfd)
 
     def remove(self, due_at: float | None, key_hash: str, *, keep: float | None) -> None:
         """Remove the marker for ``due_at``, unless the record is still due at ``keep``."""
@@ -259,38 +336,79 @@ class _DueMarkers:
         self.unlink(*self.locate(due_at, key_hash))
 
     def unlink(self, bucket: str, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.path, bucket, name))
+        with self._due(create=False) as dfd:
+            if dfd is None:
+                return
+            try:
+                bfd = _open_subdir(dfd, bucket)
+            except FileNotFoundError:
+                return
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=bfd)
+            finally:
+                os.close(bfd)
 
-    def walk(self, now: float) -> Iterator[tuple[str, str, str, str]]:
+    def purge(self, key_hash: str) -> None:
+        """Remove every marker of ``key_hash``, wherever it is (when its ``due_at`` cannot be read).
+
+        Lists every bucket: O(markers), for the rare record that does not decode.
+        """
+        suffix = "-" + key_hash
+        with self._due(create=False) as dfd:
+            if dfd is None:
+                return
+            for bucket in sorted(n for n in os.listdir(dfd) if _HEX16.fullmatch(n)):
+                try:
+                    bfd = _open_subdir(dfd, bucket)
+                except FileNotFoundError:
+                    continue
+                try:
+                    for name in os.listdir(bfd):
+                        if name.endswith(suffix):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(name, dir_fd=bfd)
+                finally:
+                    os.close(bfd)
+
+    def walk(self, now: float) -> Generator[tuple[str, str, str, str], None, None]:
         """``(bucket, name, encoded due_at, key_hash)`` of the markers due by ``now``, earliest first.
 
-        Removes the empty buckets of the past on the way.
+        Removes the empty buckets of the past on the way. Close the generator when
+        done early (it holds a directory open).
         """
-        try:
-            buckets = sorted(n for n in os.listdir(self.path) if _HEX16.fullmatch(n))
-        except FileNotFoundError:
-            return
-        for bucket in buckets:
-            start = decode_time(bucket)
-            if start > now:
-                break
-            path = os.path.join(self.path, bucket)
-            try:
-                names = sorted(os.listdir(path))
-            except FileNotFoundError:
-                continue
-            if not names and start + BUCKET_SECONDS < now:
-                with contextlib.suppress(OSError):  # not empty any more, or already gone
-                    os.rmdir(path)
-                continue
-            for name in names:
-                enc, _, kh = name.partition("-")
-                if not (_HEX16.fullmatch(enc) and _HEX64.fullmatch(kh)):
-                    continue
-                if decode_time(enc) > now:
+        with self._due(create=False) as dfd:
+            if dfd is None:
+                return
+            buckets = sorted(n for n in os.listdir(dfd) if _HEX16.fullmatch(n))
+            for bucket in buckets:
+                start = decode_time(bucket)
+                if start > now:
                     break
-                yield bucket, name, enc, kh
+                try:
+                    bfd = _open_subdir(dfd, bucket)
+                except FileNotFoundError:
+                    continue
+                try:
+                    names = sorted(os.listdir(bfd))
+                finally:
+                    os.close(bfd)
+                if not names and start + BUCKET_SECONDS < now:
+                    with contextlib.suppress(OSError):  # not empty any more, or already gone
+                        os.rmdir(bucket, dir_fd=dfd)
+                    continue
+                for name in names:
+                    enc, _, kh = name.partition("-")
+                    if not (_HEX16.fullmatch(enc) and _HEX64.fullmatch(kh)):
+                        continue
+                    if decode_time(enc) > now:
+                        break
+                    yield bucket, name, enc, kh
+
+
+def _stale(record: StoredRecord, enc: str) -> bool:
+    """True when a marker for ``enc`` no longer matches ``record`` (a poisoned one always keeps its marker)."""
+    return record.poisoned is None and (record.due_at is None or encode_time(record.due_at) != enc)
 
 
 class FileStore(BaseStore):
@@ -308,23 +426,30 @@ class FileStore(BaseStore):
     schemes: ClassVar[tuple[str, ...]] = ("file",)
 
     def __init__(self, url: str, *, prefix: str = "") -> None:
-        parts = urlsplit(url)
+        # Messages show the URL masked: it is the operator's, and may carry anything.
+        self.name = mask_url(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            raise ConfigurationError(f"cannot parse file store URL {self.name!r}: use file:///absolute/dir") from None
         if parts.scheme.lower() != "file":
             raise ConfigurationError(f"FileStore serves file:// URLs, not {parts.scheme!r}")
-        if parts.netloc not in ("", "localhost"):
-            raise ConfigurationError(f"file store URL {url!r} names host {parts.netloc!r}: use file:///absolute/dir")
         path = unquote(parts.path)
+        if "\0" in url or "\0" in path:
+            raise ConfigurationError(f"file store URL {self.name!r} holds a NUL byte: use file:///absolute/dir")
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigurationError(f"file store URL {self.name!r} names a host: use file:///absolute/dir")
         if not path.startswith("/"):
-            raise ConfigurationError(f"file store URL {url!r} needs an absolute path: file:///absolute/dir")
+            raise ConfigurationError(f"file store URL {self.name!r} needs an absolute path: file:///absolute/dir")
         if prefix and (not _PREFIX_OPTION.fullmatch(prefix) or prefix in (".", "..")):
             raise ConfigurationError(f"file store prefix {prefix!r} must be one path component of [A-Za-z0-9._-]")
-        self.name = mask_url(url)
         self._prefix = prefix
-        self.root = os.path.join(os.path.normpath(path), prefix) if prefix else os.path.normpath(path)
+        self._base = os.path.normpath(path)
+        self.root = os.path.join(self._base, prefix) if prefix else self._base
         self._records = os.path.join(self.root, "records")
         self._due = os.path.join(self.root, "due")
         self._locks = os.path.join(self.root, "locks")
-        self._markers = _DueMarkers(self._due)
+        self._markers = _DueMarkers(lambda: self._open_dir("due"), self._make_dirs)
         self._pid = os.getpid()
         self._thread_locks = [threading.Lock() for _ in range(256)]
 
@@ -332,24 +457,45 @@ class FileStore(BaseStore):
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
-        """The one place OS errors become store errors."""
+        """The one place OS errors become store errors; the message names the cause."""
         try:
             yield
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EMLINK):
                 raise IntegrityError("a store file or directory is a symlink; refusing to follow it", store=self.name) from exc
             if exc.errno in _TRANSIENT:
-                raise StoreUnavailable(f"file store I/O failed: {os.strerror(exc.errno or 0)}", store=self.name) from exc
+                raise StoreUnavailable(f"file store I/O failed ({describe(exc)})", store=self.name) from exc
             if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR):
                 raise ConfigurationError(
-                    f"file store directory is not usable: {os.strerror(exc.errno or 0)}; check the path and permissions",
+                    f"file store directory is not usable ({describe(exc)}); check the path and permissions",
                     store=self.name,
                 ) from exc
-            raise StoreUnavailable(f"file store I/O failed: {type(exc).__name__}", store=self.name) from exc
+            raise StoreUnavailable(f"file store I/O failed ({describe(exc)})", store=self.name) from exc
 
     def _check_key(self, key_hash: str) -> None:
         if not isinstance(key_hash, str) or not _HEX64.fullmatch(key_hash):
             raise ValueError("key_hash must be 64 lowercase hex digits")
+
+    def _open_dir(self, *parts: str) -> int:
+        """An fd of ``root/<parts...>``, opened component by component from the URL's directory.
+
+        Only the URL's directory itself may be a symlink (the operator chose it); the
+        prefix directory and everything below it are opened with ``O_NOFOLLOW``, so a
+        symlink planted there is refused (``ELOOP``), never followed.
+
+        Raises:
+            FileNotFoundError: A directory on the way is missing.
+        """
+        fd = os.open(self._base, _OPEN_DIR_FOLLOW)
+        try:
+            for part in (self._prefix, *parts) if self._prefix else parts:
+                sub = _open_subdir(fd, part)
+                os.close(fd)
+                fd = sub
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     @contextlib.contextmanager
     def _locked(self, shard: str) -> Iterator[None]:
@@ -358,12 +504,15 @@ class FileStore(BaseStore):
             self._pid = os.getpid()
         tlock = self._thread_locks[int(shard, 16)]
         with tlock:
-            path = os.path.join(self._locks, shard)
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                dfd = self._open_dir("locks")
             except FileNotFoundError:
                 self._make_dirs()
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                dfd = self._open_dir("locks")
+            try:
+                fd = os.open(shard, _OPEN_LOCK, 0o600, dir_fd=dfd)
+            finally:
+                os.close(dfd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
@@ -384,30 +533,39 @@ class FileStore(BaseStore):
                 pass  # a file or dangling symlink is in the way; the check below names it
         for path in owned:
             if not stat.S_ISDIR(os.lstat(path).st_mode):
-                raise ConfigurationError(f"file store path {path!r} exists and is not a directory (symlinks are refused)", store=self.name)
+                where = os.path.relpath(path, self._base)
+                raise ConfigurationError(
+                    f"file store path {where!r} (under the URL's directory) exists and is not a directory (symlinks are refused)",
+                    store=self.name,
+                )
         if created:
             _fsync_dir(self.root)
             _fsync_dir(os.path.dirname(self.root))
 
     def _shard_dir(self, shard: str, *, create: bool) -> int:
         """An fd of ``records/<shard>``; raises FileNotFoundError when it is missing and not created."""
-        path = os.path.join(self._records, shard)
         try:
-            return os.open(path, _OPEN_DIR)
+            rfd = self._open_dir("records")
         except FileNotFoundError:
             if not create:
                 raise
+            self._make_dirs()
+            rfd = self._open_dir("records")
         try:
             try:
-                os.mkdir(path, 0o700)
+                return _open_subdir(rfd, shard)
             except FileNotFoundError:
-                self._make_dirs()
-                os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        else:
-            _fsync_dir(self._records)
-        return os.open(path, _OPEN_DIR)
+                if not create:
+                    raise
+            try:
+                os.mkdir(shard, 0o700, dir_fd=rfd)
+            except FileExistsError:
+                pass
+            else:
+                os.fsync(rfd)
+            return _open_subdir(rfd, shard)
+        finally:
+            os.close(rfd)
 
     # -- record files -----------------------------------------------------------------------
 
@@ -426,11 +584,19 @@ class FileStore(BaseStore):
             "seal": record.seal,
             "blob_size": blob_size,
         }
+        return FileStore._pack_header(header)
+
+    @staticmethod
+    def _pack_header(header: dict[str, Any]) -> bytes:
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         return _PREFIX.pack(_MAGIC, len(text)) + text
 
     def _parse(self, f: io.FileIO, key_hash: str) -> tuple[dict[str, Any], int]:
-        """Header dict and the offset of the blob."""
+        """Header dict and the offset of the blob.
+
+        Raises:
+            IntegrityError: Truncated, not this format, not JSON, or another record's file.
+        """
         head = f.read(_PREFIX.size)
         if head is None or len(head) != _PREFIX.size:
             raise IntegrityError("record file is truncated", store=self.name)
@@ -442,53 +608,90 @@ class FileStore(BaseStore):
             raise IntegrityError("record file is truncated", store=self.name)
         try:
             header = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise IntegrityError("record file header is not valid JSON", store=self.name) from None
         if not isinstance(header, dict) or header.get("key_hash") != key_hash:
             raise IntegrityError("record file does not belong to its name", store=self.name)
         return header, _PREFIX.size + size
 
     def _record(self, header: dict[str, Any], blob: bytes) -> StoredRecord:
-        try:
-            return StoredRecord(
-                key_hash=header["key_hash"],
-                kind=Kind(header["kind"]),
-                status=Status(header["status"]),
-                blob=blob,
-                metadata=header["metadata"],
-                created_at=header["created_at"],
-                expires_at=header["expires_at"],
-                due_at=header["due_at"],
-                updated_at=header["updated_at"],
-                # Absent from files written before records carried them.
-                version=_checked(header.get("version", 0), int),
-                seal=_checked(header.get("seal", ""), str),
-            )
-        except (KeyError, ValueError, TypeError):
-            raise IntegrityError("record file header is incomplete", store=self.name) from None
+        """The header's record.
+
+        Raises:
+            UndecodableRecord: A field is missing, mistyped or unknown (:func:`salvage`
+                turns it into a poisoned placeholder, :meth:`get` into IntegrityError).
+        """
+        return decode_record(
+            str(header["key_hash"]),
+            kind=header.get("kind"),
+            status=header.get("status"),
+            blob=blob,
+            metadata=header.get("metadata"),
+            created_at=header.get("created_at"),
+            expires_at=header.get("expires_at"),
+            due_at=header.get("due_at"),
+            updated_at=header.get("updated_at"),
+            # JSON keeps types: stricter than the text-only stores. Absent from files
+            # written before records carried them.
+            version=_checked(header.get("version", 0), int, "version"),
+            seal=_checked(header.get("seal", ""), str, "seal"),
+        )
 
     def _open_record(self, key_hash: str, dir_fd: int | None = None) -> io.FileIO | None:
+        """The record file, opened for reading; None when it (or its shard) does not exist.
+
+        Raises:
+            IntegrityError: The record file is a symlink or not a regular file (planted).
+            OSError: ``ELOOP`` for a symlinked directory on the way, and other I/O errors.
+        """
+        if dir_fd is None:
+            try:
+                shard = self._shard_dir(key_hash[:2], create=False)
+            except FileNotFoundError:
+                return None
+            try:
+                return self._open_record(key_hash, shard)
+            finally:
+                os.close(shard)
         try:
-            if dir_fd is None:
-                fd = os.open(os.path.join(self._records, key_hash[:2], key_hash), _OPEN_READ)
-            else:
-                fd = os.open(key_hash, _OPEN_READ, dir_fd=dir_fd)
+            fd = os.open(key_hash, _OPEN_READ, dir_fd=dir_fd)
         except FileNotFoundError:
             return None
-        return io.FileIO(fd, "rb", closefd=True)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise IntegrityError("record file is a symlink; refusing to follow it", store=self.name) from None
+            raise
+        f = io.FileIO(fd, "rb", closefd=True)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            f.close()
+            raise IntegrityError("record file is not a regular file", store=self.name)
+        return f
 
-    def _read(self, key_hash: str, *, with_blob: bool, dir_fd: int | None = None) -> StoredRecord | None:
-        f = self._open_record(key_hash, dir_fd)
+    def _read(self, key_hash: str, *, with_blob: bool, dir_fd: int | None = None, strict: bool = False) -> StoredRecord | None:
+        """The record; None when missing; a poisoned placeholder when its file does not decode
+        (or, unless ``strict``, is a planted link). A symlinked directory on the way raises (``ELOOP``)."""
+        try:
+            f = self._open_record(key_hash, dir_fd)
+        except IntegrityError as exc:
+            if strict:
+                raise
+            return poisoned_record(key_hash, exc.message)
         if f is None:
             return None
         with f:
-            header, _ = self._parse(f, key_hash)
-            blob = b""
-            if with_blob:
-                # readall() sizes its buffer from fstat: one copy of the blob, no regrowth.
-                blob = f.readall() if header["blob_size"] else b""
-                if len(blob) != header["blob_size"]:
-                    raise IntegrityError("record blob is truncated", store=self.name)
+            return salvage(key_hash, lambda: self._decode_file(f, key_hash, with_blob=with_blob))
+
+    def _decode_file(self, f: io.FileIO, key_hash: str, *, with_blob: bool) -> StoredRecord:
+        header, _ = self._parse(f, key_hash)
+        blob = b""
+        if with_blob:
+            size = header.get("blob_size")
+            if type(size) is not int:
+                raise UndecodableRecord("blob_size is not an integer")
+            # readall() sizes its buffer from fstat: one copy of the blob, no regrowth.
+            blob = f.readall() if size else b""
+            if len(blob) != size:
+                raise IntegrityError("record blob is truncated", store=self.name)
         return self._record(header, blob)
 
     def _create_temp(
@@ -567,13 +770,24 @@ class FileStore(BaseStore):
         with self._errors():
             self._make_dirs()
             cutoff = time.time() - _STALE_TMP_SECONDS
-            for entry in os.scandir(self._records):
-                if not (_HEX2.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
-                    continue
-                for item in os.scandir(entry.path):
-                    if item.name.startswith(".tmp-") and item.stat(follow_symlinks=False).st_mtime < cutoff:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(item.path)
+            rfd = self._open_dir("records")
+            try:
+                for entry in os.scandir(rfd):
+                    if not (_HEX2.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
+                        continue
+                    try:
+                        sfd = _open_subdir(rfd, entry.name)
+                    except FileNotFoundError:
+                        continue
+                    try:
+                        for item in os.scandir(sfd):
+                            if item.name.startswith(".tmp-") and item.stat(follow_symlinks=False).st_mtime < cutoff:
+                                with contextlib.suppress(FileNotFoundError):
+                                    os.unlink(item.name, dir_fd=sfd)
+                    finally:
+                        os.close(sfd)
+            finally:
+                os.close(rfd)
 
     def put(self, record: StoredRecord) -> None:
         self.put_many([record])
@@ -594,7 +808,8 @@ class FileStore(BaseStore):
         with self._errors(), self._shards_locked(sorted({k[:2] for k in batch})) as dirs:
             old: dict[str, float | None] = {}
             for key in batch:
-                current = self._read(key, with_blob=False, dir_fd=dirs[key[:2]])
+                # strict: a record file planted as a symlink is refused, not replaced.
+                current = self._read(key, with_blob=False, dir_fd=dirs[key[:2]], strict=True)
                 old[key] = current.due_at if current is not None else None
             self._markers.add([m for key, rec in batch.items() for m in _DueMarkers.needed(old[key], rec.due_at, key)])
             self._commit_staged(self._stage(batch, dirs))
@@ -653,7 +868,8 @@ class FileStore(BaseStore):
     def get(self, key_hash: str) -> StoredRecord | None:
         self._check_key(key_hash)
         with self._errors():
-            return self._read(key_hash, with_blob=True)
+            found = self._read(key_hash, with_blob=True)
+        return None if found is None else decoded(found, store=self.name)
 
     def delete(self, key_hash: str) -> bool:
         self._check_key(key_hash)
@@ -663,9 +879,46 @@ class FileStore(BaseStore):
             current = self._read(key_hash, with_blob=False, dir_fd=dfd)
             if current is None:
                 return False
-            os.unlink(key_hash, dir_fd=dfd)
+            os.unlink(key_hash, dir_fd=dfd)  # a planted symlink itself, never what it points at
             os.fsync(dfd)
-            self._markers.remove(current.due_at, key_hash, keep=None)
+            if current.poisoned is None:
+                self._markers.remove(current.due_at, key_hash, keep=None)
+            else:
+                self._markers.purge(key_hash)
+            return True
+
+    def quarantine(self, key_hash: str) -> bool:
+        """Under the shard lock: rewrite the header with ``due_at`` null (blob copied in the kernel),
+        then remove its marker. A header that does not parse is left as it is, and every
+        marker of the key is removed. Nothing is decoded beyond the header's JSON."""
+        self._check_key(key_hash)
+        with self._shard_for_update(key_hash) as dfd:
+            if dfd is None:
+                return False
+            try:
+                f = self._open_record(key_hash, dfd)
+            except IntegrityError:  # a planted link or special file: keep it for inspection
+                self._markers.purge(key_hash)
+                return True
+            if f is None:
+                return False
+            with f:
+                try:
+                    header, offset = self._parse(f, key_hash)
+                except IntegrityError:
+                    self._markers.purge(key_hash)
+                    return True
+                due_at = header.get("due_at")
+                if due_at is None:
+                    return True
+                size = os.fstat(f.fileno()).st_size - offset
+                tmp = self._write(dfd, key_hash, [self._pack_header({**header, "due_at": None})], (f.fileno(), offset, size))
+            self._commit(dfd, tmp, key_hash)
+            os.fsync(dfd)
+            if isinstance(due_at, int | float) and not isinstance(due_at, bool):
+                self._markers.unlink(*self._markers.locate(float(due_at), key_hash))
+            else:
+                self._markers.purge(key_hash)
             return True
 
     def transition(
@@ -704,8 +957,11 @@ class FileStore(BaseStore):
         with self._shard_for_update(key_hash) as dfd:
             if dfd is None:
                 return False
-            current = self._read(key_hash, with_blob=True, dir_fd=dfd)
-            if current is None or current.blob != old_blob:
+            found = self._read(key_hash, with_blob=True, dir_fd=dfd)
+            if found is None:
+                return False
+            current = decoded(found, store=self.name)
+            if current.blob != old_blob:
                 return False
             new = current.replace(blob=new_blob, updated_at=now, **token_changes(version, seal))
             tmp = self._write(dfd, key_hash, [self._header(new, len(new_blob)), new_blob])
@@ -723,11 +979,13 @@ class FileStore(BaseStore):
                 return False
             with f:
                 header, offset = self._parse(f, key_hash)
-                current = self._record(header, b"")
+                current = decoded(salvage(key_hash, lambda: self._record(header, b"")), store=self.name)
+                size = header.get("blob_size")
+                if type(size) is not int:
+                    raise IntegrityError("blob_size is not an integer", key=key_hash[:12], store=self.name)
                 if not allowed(current):
                     return False
                 new = current.replace(**changes)
-                size = int(header["blob_size"])
                 self._markers.add(_DueMarkers.needed(current.due_at, new.due_at, key_hash))
                 tmp = self._write(dfd, key_hash, [self._header(new, size)], (f.fileno(), offset, size))
             self._commit(dfd, tmp, key_hash)
@@ -768,39 +1026,52 @@ class FileStore(BaseStore):
         wanted = ScanRange(kind, status, limit, cursor)
         with self._errors():
             try:
-                shards = sorted(n for n in os.listdir(self._records) if _HEX2.fullmatch(n))
+                rfd = self._open_dir("records")
             except FileNotFoundError:
                 return Page(items, None)
-            first = cursor[:2] if cursor else ""
-            for shard in shards:
-                if shard < first:
-                    continue
-                try:
-                    names = sorted(n for n in os.listdir(os.path.join(self._records, shard)) if _HEX64.fullmatch(n))
-                except FileNotFoundError:
-                    continue
-                for name in names:
-                    if cursor is not None and name <= cursor:
+            try:
+                shards = sorted(n for n in os.listdir(rfd) if _HEX2.fullmatch(n))
+                first = cursor[:2] if cursor else ""
+                for shard in shards:
+                    if shard < first:
                         continue
-                    rec = self._read(name, with_blob=with_blob)
-                    if rec is None:  # deleted since the listing
+                    try:
+                        sfd = _open_subdir(rfd, shard)
+                    except FileNotFoundError:
                         continue
-                    if wanted.matches(rec):
-                        items.append(rec)
-                        if len(items) >= limit:
-                            return Page(items, name)
+                    try:
+                        names = sorted(n for n in os.listdir(sfd) if _HEX64.fullmatch(n))
+                        for name in names:
+                            if cursor is not None and name <= cursor:
+                                continue
+                            rec = self._read(name, with_blob=with_blob, dir_fd=sfd)
+                            if rec is None:  # deleted since the listing
+                                continue
+                            if wanted.matches(rec):
+                                items.append(rec)
+                                if len(items) >= limit:
+                                    return Page(items, name)
+                    finally:
+                        os.close(sfd)
+            finally:
+                os.close(rfd)
         return Page(items, None)
 
     def due(self, now: float, limit: int = 100) -> list[StoredRecord]:
         out: list[StoredRecord] = []
         if limit <= 0:
             return out
-        with self._errors():
-            for bucket, name, enc, kh in self._markers.walk(now):
+        seen: set[str] = set()
+        with self._errors(), contextlib.closing(self._markers.walk(now)) as markers:
+            for bucket, name, enc, kh in markers:
+                if kh in seen:
+                    continue
                 rec = self._read(kh, with_blob=True)
-                if rec is None or rec.due_at is None or encode_time(rec.due_at) != enc:
+                if rec is None or _stale(rec, enc):
                     self._drop_stale(bucket, name, kh, enc)
                     continue
+                # A poisoned record has no due_at to check: its marker says it is due.
+                seen.add(kh)
                 out.append(rec)
                 if len(out) >= limit:
                     return out
@@ -811,7 +1082,7 @@ class FileStore(BaseStore):
         # so a marker that looks stale may be one whose record is on its way.
         with self._locked(key_hash[:2]):
             rec = self._read(key_hash, with_blob=False)
-            if rec is None or rec.due_at is None or encode_time(rec.due_at) != enc:
+            if rec is None or _stale(rec, enc):
                 self._markers.unlink(bucket, name)
 
     def health(self) -> dict[str, Any]:

@@ -4,7 +4,7 @@ URL: ``memory://`` (every open gets a fresh, private store) or ``memory://NAME``
 (stores opened with the same name and ``prefix`` in one process share records).
 Options: ``prefix``.
 Atomicity: one lock around every operation (a transition's status and version
-checks and its writes included); claims are atomic between threads of one
+checks and its writes included, and ``quarantine()``); claims are atomic between threads of one
 process only, so it is not for real deployments.
 Fork: a child gets a copy of the records and its own lock; nothing is shared.
 Tested: in-process only.
@@ -18,7 +18,22 @@ import threading
 from collections.abc import Collection
 from typing import ClassVar
 
-from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord, dump_metadata, load_metadata, token_changes
+from .base import (
+    KEEP,
+    BaseStore,
+    Keep,
+    Kind,
+    Page,
+    ScanRange,
+    Status,
+    StoredRecord,
+    decode_record,
+    decoded,
+    dump_metadata,
+    load_metadata,
+    salvage,
+    token_changes,
+)
 from .drivers import mask_url
 
 __all__ = ["MemoryStore"]
@@ -28,6 +43,27 @@ def _detached(rec: StoredRecord) -> StoredRecord:
     # Real stores keep metadata as JSON text. Copy it in and out the same way, so a caller
     # mutating a dict it passed in or got back cannot change (and un-authenticate) a record.
     return rec.replace(metadata=load_metadata(dump_metadata(rec.metadata)))
+
+
+def _read(rec: StoredRecord) -> StoredRecord:
+    """What a reader gets: a detached copy, every field checked as a real store decodes its row
+    (a test may plant a record whose fields are not what their types say), or its poisoned placeholder."""
+    return salvage(
+        rec.key_hash,
+        lambda: decode_record(
+            rec.key_hash,
+            kind=rec.kind,
+            status=rec.status,
+            blob=rec.blob,
+            metadata=rec.metadata,
+            created_at=rec.created_at,
+            expires_at=rec.expires_at,
+            due_at=rec.due_at,
+            updated_at=rec.updated_at,
+            version=rec.version,
+            seal=rec.seal,
+        ),
+    )
 
 
 class _Shelf:
@@ -75,11 +111,19 @@ class MemoryStore(BaseStore):
     def get(self, key_hash: str) -> StoredRecord | None:
         with self._lock:
             rec = self._records.get(key_hash)
-        return None if rec is None else _detached(rec)
+        return None if rec is None else decoded(_read(rec), store=self.name)
 
     def delete(self, key_hash: str) -> bool:
         with self._lock:
             return self._records.pop(key_hash, None) is not None
+
+    def quarantine(self, key_hash: str) -> bool:
+        with self._lock:
+            rec = self._records.get(key_hash)
+            if rec is None:
+                return False
+            self._records[key_hash] = rec.replace(due_at=None)  # its heap entries are now stale
+            return True
 
     def transition(
         self,
@@ -135,10 +179,10 @@ class MemoryStore(BaseStore):
             items: list[StoredRecord] = []
             last: str | None = None
             for kh in keys[start:]:
-                rec = self._records[kh]
+                rec = _read(self._records[kh])
                 last = kh
                 if wanted.matches(rec):
-                    items.append(_detached(rec if with_blob else rec.replace(blob=b"")))
+                    items.append(rec if with_blob else rec.replace(blob=b""))
                     if len(items) >= limit:
                         break
             more = last is not None and bisect.bisect_right(keys, last) < len(keys)
@@ -157,7 +201,7 @@ class MemoryStore(BaseStore):
                     continue
                 seen.add(entry[1])
                 popped.append(entry)
-                out.append(_detached(rec))
+                out.append(_read(rec))
             for entry in popped:  # still due until the caller moves or deletes them
                 heapq.heappush(self._heap, entry)
             return out

@@ -52,7 +52,13 @@ Atomicity:
     compare-and-set on ``digest`` (the SHA-256 of the blob), after writing new
     chunks if the blob needs them. ``put()`` replaces the whole document in one
     write; ``put_many()`` sends one ``bulk_write`` per 1,000 records or 32 MiB.
+    ``quarantine()`` is one ``update_one`` that unsets ``due_at``.
     No multi-document transactions are used, so standalone servers work.
+
+Errors: messages name pymongo's cause (``ServerSelectionTimeoutError:
+127.0.0.1:27017: [Errno 111] Connection refused ...``), URLs and passwords
+masked. A document that does not decode is an :class:`IntegrityError` from
+``get()`` and a poisoned placeholder in ``scan()`` / ``due()``.
 
 Fork: pymongo clients are not fork-safe. The client is created on first use
 and again when ``os.getpid()`` changes; the child never touches the parent's
@@ -77,8 +83,26 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..errors import ConfigurationError, StoreUnavailable
-from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord, batches, dump_metadata, load_metadata, token_changes
-from .drivers import mask_url, require
+from .base import (
+    KEEP,
+    ROW_ERRORS,
+    BaseStore,
+    Keep,
+    Kind,
+    Page,
+    ScanRange,
+    Status,
+    StoredRecord,
+    UndecodableRecord,
+    batches,
+    decode_record,
+    decoded,
+    dump_metadata,
+    poisoned_record,
+    salvage,
+    token_changes,
+)
+from .drivers import describe, mask_url, require
 
 __all__ = ["MongoStore"]
 
@@ -108,6 +132,13 @@ _LISTING_FIELDS = {
     "version": 1,
     "seal": 1,
 }
+
+
+def _as_bytes(value: Any) -> bytes:
+    # bytes(n) of an int edited into the document would allocate n bytes: refuse anything not bytes-like.
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise UndecodableRecord("blob is not bytes")
 
 
 class MongoStore(BaseStore):
@@ -181,19 +212,24 @@ class MongoStore(BaseStore):
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
-        """Map pymongo's exceptions onto the celery-persist error tree."""
+        """Map pymongo's exceptions onto the celery-persist error tree; messages name the cause, masked."""
         errors = self._pymongo.errors
         try:
             yield
         except (errors.ConnectionFailure, errors.ExecutionTimeout, errors.WTimeoutError) as exc:
             # ConnectionFailure covers AutoReconnect, NetworkTimeout and ServerSelectionTimeoutError.
-            raise StoreUnavailable(f"MongoDB is unreachable ({type(exc).__name__})", store=self.name) from exc
+            raise StoreUnavailable(f"MongoDB is unreachable ({self._describe(exc)})", store=self.name) from exc
         except errors.ConfigurationError as exc:
-            raise ConfigurationError(f"bad MongoDB configuration: {exc}", store=self.name) from exc
+            raise ConfigurationError(f"bad MongoDB configuration ({self._describe(exc)})", store=self.name) from exc
         except errors.OperationFailure as exc:
             if exc.code in (13, 18):  # Unauthorized, AuthenticationFailed
-                raise ConfigurationError(f"MongoDB refused the credentials or the role (code {exc.code})", store=self.name) from exc
+                raise ConfigurationError(
+                    f"MongoDB refused the credentials or the role (code {exc.code}, {self._describe(exc)})", store=self.name
+                ) from exc
             raise
+
+    def _describe(self, exc: BaseException) -> str:
+        return describe(exc, url=self._url)
 
     # -- schema -----------------------------------------------------------------------------
 
@@ -253,31 +289,55 @@ class MongoStore(BaseStore):
         return self._write_chunks(chunks, record.key_hash, record.blob) if len(record.blob) > self._inline_limit else None
 
     def _record(self, doc: Mapping[str, Any], blob: bytes) -> StoredRecord:
-        expires_at, due_at = doc.get("expires_at"), doc.get("due_at")
-        return StoredRecord(
-            key_hash=doc["_id"],
-            kind=Kind(doc["kind"]),
-            status=Status(doc["status"]),
-            blob=blob,
-            metadata=load_metadata(doc.get("metadata")),
-            created_at=float(doc["created_at"]),
-            expires_at=None if expires_at is None else float(expires_at),
-            due_at=None if due_at is None else float(due_at),
-            updated_at=float(doc["updated_at"]),
-            version=int(doc.get("version", 0)),
-            seal=str(doc.get("seal", "")),
+        """The document's record, or its poisoned placeholder when the document does not decode."""
+        key_hash = str(doc["_id"])
+        return salvage(
+            key_hash,
+            lambda: decode_record(
+                key_hash,
+                kind=doc.get("kind"),
+                status=doc.get("status"),
+                blob=blob,
+                metadata=doc.get("metadata"),
+                created_at=doc.get("created_at"),
+                expires_at=doc.get("expires_at"),
+                due_at=doc.get("due_at"),
+                updated_at=doc.get("updated_at"),
+                version=doc.get("version"),
+                seal=doc.get("seal"),
+            ),
         )
+
+    def _read(self, chunks: Any, doc: Mapping[str, Any]) -> StoredRecord | None:
+        """The document's record with its blob (poisoned when it does not decode); None when its
+        chunks were replaced while we read."""
+        try:
+            blob = self._blob(chunks, doc)
+        except ROW_ERRORS:
+            return poisoned_record(str(doc["_id"]), "blob or its chunk fields do not decode")
+        return None if blob is None else self._record(doc, blob)
+
+    def _fetch(self, records: Any, chunks: Any, key_hash: str) -> StoredRecord | None:
+        """The record (poisoned when it does not decode), or None; re-read while a writer replaces its chunks."""
+        for _ in range(READ_ATTEMPTS):
+            doc = records.find_one({"_id": key_hash})
+            if doc is None:
+                return None
+            record = self._read(chunks, doc)
+            if record is not None:
+                return record
+        raise StoreUnavailable("the record kept changing while it was read; retry", store=self.name)
 
     def _blob(self, chunks: Any, doc: Mapping[str, Any]) -> bytes | None:
         """The document's blob; None when its chunks were replaced while we read."""
         if "gen" not in doc:
             blob = doc.get("blob", b"")
             # pymongo decodes binary subtype 0 to bytes; other clients may hand back what they stored.
-            return blob if type(blob) is bytes else bytes(blob)
+            return blob if type(blob) is bytes else _as_bytes(blob)
         parts = list(chunks.find({"rec": doc["_id"], "gen": doc["gen"]}, {"_id": 0, "n": 1, "data": 1}).sort("n", 1))
-        if [p["n"] for p in parts] != list(range(doc["nchunks"])):
+        if len(parts) != int(doc["nchunks"]) or any(p["n"] != n for n, p in enumerate(parts)):
             return None
-        blob = b"".join(bytes(p["data"]) for p in parts)
+        blob = b"".join(_as_bytes(p["data"]) for p in parts)
         return blob if len(blob) == doc["size"] else None
 
     def _drop_generations(self, chunks: Any, stale: Iterable[tuple[str, str]]) -> None:
@@ -338,14 +398,14 @@ class MongoStore(BaseStore):
     def get(self, key_hash: str) -> StoredRecord | None:
         with self._errors():
             records, chunks = self._collections()
-            for _ in range(READ_ATTEMPTS):
-                doc = records.find_one({"_id": key_hash})
-                if doc is None:
-                    return None
-                blob = self._blob(chunks, doc)
-                if blob is not None:
-                    return self._record(doc, blob)
-        raise StoreUnavailable("the record kept changing while it was read; retry", store=self.name)
+            found = self._fetch(records, chunks, key_hash)
+        return None if found is None else decoded(found, store=self.name)
+
+    def quarantine(self, key_hash: str) -> bool:
+        """One ``update_one`` that unsets ``due_at`` (the document is never decoded)."""
+        with self._errors():
+            records, _ = self._collections()
+            return int(records.update_one({"_id": key_hash}, {"$unset": {"due_at": ""}}).matched_count) == 1
 
     def delete(self, key_hash: str) -> bool:
         with self._errors():
@@ -445,14 +505,12 @@ class MongoStore(BaseStore):
                 if not with_blob:
                     items.append(self._record(doc, b""))
                     continue
-                blob = self._blob(chunks, doc)
-                if blob is None:  # replaced while we read: take the new version, if it still matches
-                    fresh = self.get(doc["_id"])
-                    if fresh is None or not wanted.matches(fresh):
+                record = self._read(chunks, doc)
+                if record is None:  # replaced while we read: take the new version, if it still matches
+                    record = self._fetch(records, chunks, str(doc["_id"]))
+                    if record is None or not wanted.matches(record):
                         continue
-                    items.append(fresh)
-                else:
-                    items.append(self._record(doc, blob))
+                items.append(record)
         return Page(items, next_cursor)
 
     def due(self, now: float, limit: int = 100) -> list[StoredRecord]:
@@ -463,13 +521,12 @@ class MongoStore(BaseStore):
             docs = list(records.find({"due_at": {"$lte": float(now)}}).sort([("due_at", 1), ("_id", 1)]).limit(limit))
             out: list[StoredRecord] = []
             for doc in docs:
-                blob = self._blob(chunks, doc)
-                if blob is None:
-                    fresh = self.get(doc["_id"])
-                    if fresh is not None and fresh.due_at is not None and fresh.due_at <= now:
-                        out.append(fresh)
-                else:
-                    out.append(self._record(doc, blob))
+                record = self._read(chunks, doc)
+                if record is None:  # replaced while we read: take the new version, if it is still due
+                    record = self._fetch(records, chunks, str(doc["_id"]))
+                    if record is None or (record.poisoned is None and (record.due_at is None or record.due_at > now)):
+                        continue
+                out.append(record)
         return out
 
     def health(self) -> dict[str, Any]:

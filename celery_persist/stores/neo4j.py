@@ -60,10 +60,16 @@ Atomicity:
     + ``MERGE`` of the record, then the old generation's deletion;
     ``put_many()`` does the same per 1,000 records (or 8 MiB of blobs),
     rows in key order so concurrent writers lock nodes in one order, and
-    only the last of several writes of one key is sent. No
+    only the last of several writes of one key is sent. ``quarantine()`` is
+    one statement that sets ``due_at`` to null. No
     driver-level retries: a transaction that fails on a lost connection raises
     :class:`StoreUnavailable` and its outcome is unknown (a claim made that
     way is a lease that cleanup re-opens).
+
+Errors: messages name the driver's cause (``ServiceUnavailable: Couldn't connect
+to 127.0.0.1:7687 ...``), URLs and passwords masked. A node that does not decode
+is an :class:`IntegrityError` from ``get()`` and a poisoned placeholder in
+``scan()`` / ``due()``.
 
 Fork: the driver is created on first use and again when ``os.getpid()``
 changes. The child never closes its parent's driver: that would send
@@ -100,9 +106,24 @@ from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ..errors import ConfigurationError, StoreUnavailable
-from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord, batches
-from .cypher import NEO4J_QUERY_BYTES, Dialect, as_bytes, load_meta, packed
-from .drivers import mask_url, require
+from .base import (
+    KEEP,
+    ROW_ERRORS,
+    BaseStore,
+    Keep,
+    Kind,
+    Page,
+    ScanRange,
+    Status,
+    StoredRecord,
+    batches,
+    decode_record,
+    decoded,
+    poisoned_record,
+    salvage,
+)
+from .cypher import NEO4J_QUERY_BYTES, Dialect, as_bytes, meta_text, packed
+from .drivers import describe, mask_url, require
 
 __all__ = ["Neo4jStore"]
 
@@ -173,6 +194,7 @@ _DUE = (
     f"MATCH (n:{RECORD}) WHERE n.ns = $ns AND n.due_at <= $now "
     "RETURN " + _COLUMNS + _BLOB_COLUMNS + " ORDER BY n.due_at, n.key_hash LIMIT $limit"
 )
+_QUARANTINE = f"MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) SET n.due_at = null RETURN count(n) AS found"
 _NEO4J_SCHEMA = (
     f"CREATE CONSTRAINT celery_persist_record_key IF NOT EXISTS FOR (n:{RECORD}) REQUIRE (n.ns, n.key_hash) IS UNIQUE",
     f"CREATE INDEX celery_persist_record_due IF NOT EXISTS FOR (n:{RECORD}) ON (n.ns, n.due_at)",
@@ -214,6 +236,7 @@ class Neo4jStore(BaseStore):
         driver_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = mask_url(url)
+        self._url = url
         self._neo4j: ModuleType = require("neo4j", extra="neo4j", store="neo4j")
         if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
             raise ConfigurationError("neo4j prefix must be at most 64 letters, digits or '_.:-'", store=self.name)
@@ -254,26 +277,29 @@ class Neo4jStore(BaseStore):
                     with self._errors():
                         self._driver_obj = self._neo4j.GraphDatabase.driver(self._uri, auth=self._auth, **self._driver_options)
                 except (ValueError, TypeError) as err:  # the driver's URI and option checks
-                    raise ConfigurationError(f"bad Neo4j URL or driver option: {err}", store=self.name) from err
+                    raise ConfigurationError(f"bad Neo4j URL or driver option ({self._describe(err)})", store=self.name) from err
             return self._driver_obj
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
-        """Map the driver's exceptions onto the celery-persist error tree."""
+        """Map the driver's exceptions onto the celery-persist error tree; messages name the cause, masked."""
         exc = self._neo4j.exceptions
         try:
             yield
         except (exc.ServiceUnavailable, exc.SessionExpired, exc.TransientError) as err:
-            raise StoreUnavailable(f"Neo4j is unreachable ({type(err).__name__})", store=self.name) from err
+            raise StoreUnavailable(f"Neo4j is unreachable ({self._describe(err)})", store=self.name) from err
         except exc.AuthError as err:
-            raise ConfigurationError("Neo4j refused the credentials", store=self.name) from err
+            raise ConfigurationError(f"Neo4j refused the credentials ({self._describe(err)})", store=self.name) from err
         except exc.ConfigurationError as err:
-            raise ConfigurationError(f"bad Neo4j driver configuration: {err}", store=self.name) from err
+            raise ConfigurationError(f"bad Neo4j driver configuration ({self._describe(err)})", store=self.name) from err
         except exc.ClientError as err:
             code = err.code or ""
             if "DatabaseNotFound" in code or ".Security." in code:
                 raise ConfigurationError(f"Neo4j refused the request ({code})", store=self.name) from err
             raise
+
+    def _describe(self, err: BaseException) -> str:
+        return describe(err, url=self._url, password=self._auth[1] if self._auth else None)
 
     def _session(self, driver: Any, *, write: bool) -> Any:
         neo4j = self._neo4j
@@ -395,43 +421,63 @@ class Neo4jStore(BaseStore):
     def _count_chunks(self, size: int) -> int:
         return -(-size // self.chunk_size)
 
-    def _decode(self, row: Any, blob: bytes) -> StoredRecord:
-        return StoredRecord(
-            key_hash=row["key_hash"],
-            kind=Kind(row["kind"]),
-            status=Status(row["status"]),
-            blob=blob,
-            metadata=load_meta(row["meta"]),
-            created_at=float(row["created_at"]),
-            expires_at=_float(row["expires_at"]),
-            due_at=_float(row["due_at"]),
-            updated_at=float(row["updated_at"]),
-            version=int(row["version"] or 0),
-            seal=str(row["seal"] or ""),
+    def _decode(self, row: Any, blob: Any) -> StoredRecord:
+        """The row's record, or its poisoned placeholder when the node does not decode.
+
+        ``blob`` is the blob's bytes, or a callable that reads them (and may raise as a row does).
+        """
+        key_hash = str(row["key_hash"])
+        return salvage(
+            key_hash,
+            lambda: decode_record(
+                key_hash,
+                kind=row["kind"],
+                status=row["status"],
+                blob=blob() if callable(blob) else blob,
+                metadata=meta_text(row["meta"]),
+                created_at=row["created_at"],
+                expires_at=row["expires_at"],
+                due_at=row["due_at"],
+                updated_at=row["updated_at"],
+                version=row["version"],
+                seal=row["seal"],
+            ),
         )
 
     def _read_records(self, tx: Any, rows: Sequence[Any]) -> list[StoredRecord | None]:
         """Records of ``rows`` (read with :data:`_BLOB_COLUMNS`) with their blobs.
 
         An entry is None when the record's chunk generation was replaced between
-        reading the record and reading its chunks; the caller reads it again.
+        reading the record and reading its chunks; the caller reads it again. A
+        node that does not decode is a poisoned placeholder.
         """
-        wanted = [{"key_hash": r["key_hash"], "gen": r["gen"]} for r in rows if r["nchunks"]]
+        counts: list[int | None] = []
+        for row in rows:
+            try:
+                counts.append(int(row["nchunks"] or 0))
+            except ROW_ERRORS:
+                counts.append(None)
+        wanted = [{"key_hash": r["key_hash"], "gen": r["gen"]} for r, n in zip(rows, counts, strict=True) if n]
         parts: dict[tuple[str, str], list[tuple[int, Any]]] = {}
         budget, size_of = self._dialect().budget(_READ_CHUNKS)
         for group in packed(wanted, size_of, budget, most=BATCH_RECORDS):
             for c in self._run(tx, _READ_CHUNKS, {"ns": self._prefix, "wanted": group}):
                 parts.setdefault((c["key_hash"], c["gen"]), []).append((c["i"], c["data"]))
         out: list[StoredRecord | None] = []
-        for row in rows:
-            nchunks = row["nchunks"] or 0
-            if not nchunks:
-                out.append(self._decode(row, as_bytes(row["blob"])))
-                continue
-            got = sorted(parts.get((row["key_hash"], row["gen"]), []), key=lambda p: p[0])
-            blob = b"".join(as_bytes(d) for _, d in got)
-            complete = [i for i, _ in got] == list(range(nchunks)) and len(blob) == row["size"]
-            out.append(self._decode(row, blob) if complete else None)
+        for row, nchunks in zip(rows, counts, strict=True):
+            if nchunks is None:
+                out.append(poisoned_record(str(row["key_hash"]), "nchunks is not an integer"))
+            elif not nchunks:
+                out.append(self._decode(row, lambda row=row: as_bytes(row["blob"])))
+            else:
+                got = sorted(parts.get((row["key_hash"], row["gen"]), []), key=lambda p: p[0])
+                try:
+                    blob = b"".join(as_bytes(d) for _, d in got)
+                except ROW_ERRORS:
+                    out.append(poisoned_record(str(row["key_hash"]), "blob chunks do not decode"))
+                    continue
+                complete = len(got) == nchunks and all(i == n for n, (i, _) in enumerate(got)) and len(blob) == row["size"]
+                out.append(self._decode(row, blob) if complete else None)
         return out
 
     def _write_chunks(self, tx: Any, key_hash: str, gen: str, blob: bytes) -> None:
@@ -493,6 +539,11 @@ class Neo4jStore(BaseStore):
             self._drop_generations(tx, stale)
 
     def get(self, key_hash: str) -> StoredRecord | None:
+        found = self._fetch(key_hash)
+        return None if found is None else decoded(found, store=self.name)
+
+    def _fetch(self, key_hash: str) -> StoredRecord | None:
+        """The record (poisoned when it does not decode), or None; re-read while a writer replaces its chunks."""
         for _ in range(READ_ATTEMPTS):
             with self._transaction(write=False) as tx:
                 rows = self._run(tx, _GET, {"ns": self._prefix, "key": key_hash})
@@ -502,6 +553,12 @@ class Neo4jStore(BaseStore):
             if record is not None:
                 return record
         raise StoreUnavailable("the record kept changing while it was read; retry", store=self.name)
+
+    def quarantine(self, key_hash: str) -> bool:
+        """One write transaction that removes ``due_at`` from the node (never decoded)."""
+        with self._transaction(write=True) as tx:
+            rows = self._run(tx, _QUARANTINE, {"ns": self._prefix, "key": key_hash})
+        return bool(rows and rows[0]["found"])
 
     def delete(self, key_hash: str) -> bool:
         with self._transaction(write=True) as tx:
@@ -616,7 +673,7 @@ class Neo4jStore(BaseStore):
         items: list[StoredRecord] = []
         for row, record in zip(page, records, strict=True):
             if record is None:  # its blob was replaced while we read: take the new version
-                record = self.get(row["key_hash"])
+                record = self._fetch(str(row["key_hash"]))
                 if record is None or not wanted.matches(record):
                     continue
             items.append(record)
@@ -631,8 +688,8 @@ class Neo4jStore(BaseStore):
         out: list[StoredRecord] = []
         for row, record in zip(rows, records, strict=True):
             if record is None:
-                record = self.get(row["key_hash"])
-                if record is None or record.due_at is None or record.due_at > now:
+                record = self._fetch(str(row["key_hash"]))
+                if record is None or (record.poisoned is None and (record.due_at is None or record.due_at > now)):
                     continue
             out.append(record)
         return out

@@ -66,7 +66,8 @@ Atomicity:
     per larger blob, EXEC: readers see the old record or the new one, never a
     mix. (EVAL carries the script text because a NOSCRIPT inside MULTI would
     fail only that command while the SETs still ran.) ``put_many()`` sends
-    chunks of 1,000 records or 32 MiB of blobs. ``delete()`` is one MULTI.
+    chunks of 1,000 records or 32 MiB of blobs. ``delete()`` and ``quarantine()``
+    (ZREM from the due index, HDEL ``due_at``) are one MULTI each.
 
     redis-py re-sends a command after a connection error or timeout, even when
     the first attempt ran and only its reply was lost. ``put`` is idempotent.
@@ -76,6 +77,17 @@ Atomicity:
     caller win it. A re-sent ``delete`` reports False. A call that still fails
     raises :class:`StoreUnavailable`; its effect is then unknown (a claim made
     that way is a lease that cleanup re-opens).
+
+Errors: messages name redis-py's cause (``ConnectionError: Error 111 connecting
+to 127.0.0.1:6379. Connection refused.``), URLs and passwords masked. A URL query
+option that redis-py would hand to a connection class that does not take it
+(``sentinel_password`` on ``redis://``, ``ssl_*`` on a non-TLS URL) is found
+when the store is opened and raised as :class:`ConfigurationError` by the first
+operation (not by the constructor: an application opens its store when it
+binds, before it reports anything), naming the option, never its value; a
+cluster client drops unknown options itself. A hash that does not
+decode is an :class:`IntegrityError` from ``get()`` and a poisoned placeholder
+in ``scan()`` / ``due()``.
 
 Fork: the client is created on first use and re-created when ``os.getpid()``
 changes, with a fresh connection pool; a child never sends on its parent's
@@ -91,6 +103,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -99,8 +112,22 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import ConfigurationError, PersistenceError, StoreUnavailable
-from .base import KEEP, BaseStore, Keep, Kind, Page, ScanRange, Status, StoredRecord, batches, dump_metadata, load_metadata
-from .drivers import mask_url, require
+from .base import (
+    KEEP,
+    BaseStore,
+    Keep,
+    Kind,
+    Page,
+    ScanRange,
+    Status,
+    StoredRecord,
+    batches,
+    decode_record,
+    decoded,
+    dump_metadata,
+    salvage,
+)
+from .drivers import describe, mask_url, require
 from .redis_conn import SCHEMES, RedisTarget
 
 __all__ = ["RedisStore"]
@@ -116,6 +143,8 @@ _SCRIPT_BATCH = 250
 #: Blobs up to this size travel inside the put script; larger ones get their own SET.
 _INLINE_BLOB = 64 * 1024
 _ALL_PAIRS = tuple(f"{k.value}:{s.value}:" for k in Kind for s in Status)
+#: redis-py's connection class refusing an option: ``... got an unexpected keyword argument 'name'``.
+_UNEXPECTED_OPTION = re.compile(r"unexpected keyword argument '([A-Za-z_][A-Za-z0-9_]*)'")
 
 # Batch upsert. KEYS: all, due, ix, then (record, blob) per record.
 # ARGV, 12 per record: key_hash, kind, status, meta, created_at, updated_at,
@@ -202,10 +231,6 @@ class _Conn:
     pid: int
     transition: Any
     replace_blob: Any
-
-
-def _opt_float(value: bytes | None) -> float | None:
-    return None if value is None else float(value)
 
 
 def _token_args(version: int | None, seal: str | None) -> tuple[str, str, str]:
@@ -319,7 +344,7 @@ class RedisStore(BaseStore):
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
-        """Map redis-py's exceptions onto the celery-persist error tree."""
+        """Map redis-py's exceptions onto the celery-persist error tree; messages name the cause, masked."""
         exc = self._redis.exceptions
         try:
             yield
@@ -332,30 +357,45 @@ class RedisStore(BaseStore):
             raise self._translate(err) from err
         except exc.RedisClusterException as err:
             if "cluster mode" in str(err).lower():
-                raise ConfigurationError(f"Redis Cluster: {err}", store=self.name) from err
-            raise StoreUnavailable(f"Redis Cluster is unreachable: {err}", store=self.name) from err
+                raise ConfigurationError(f"Redis Cluster ({self._describe(err)})", store=self.name) from err
+            raise StoreUnavailable(f"Redis Cluster is unreachable ({self._describe(err)})", store=self.name) from err
         except OSError as err:
-            raise StoreUnavailable(f"Redis is unreachable ({type(err).__name__}); retry later", store=self.name) from err
+            raise StoreUnavailable(f"Redis is unreachable ({self._describe(err)}); retry later", store=self.name) from err
+        except TypeError as err:
+            # redis-py hands options it does not know to the connection class, which
+            # refuses them on the first command; RedisTarget checks the URL's options
+            # up front, this catches the ones that came another way (client_options).
+            unexpected = _UNEXPECTED_OPTION.search(str(err))
+            if unexpected is None:
+                raise
+            raise ConfigurationError(
+                f"redis-py does not take the option {unexpected[1]!r}: remove it from the store URL or client_options",
+                store=self.name,
+            ) from err
+
+    def _describe(self, err: BaseException) -> str:
+        return describe(err, url=self._target.url)
 
     def _translate(self, err: Exception) -> PersistenceError:
         exc = self._redis.exceptions
         message = str(err)
+        cause = self._describe(err)
         refused = (exc.AuthenticationError, exc.AuthorizationError, exc.AuthenticationWrongNumberOfArgsError)
         if isinstance(err, (*refused, exc.NoPermissionError)):
             return ConfigurationError(
-                f"Redis refused the credentials or ACL permissions ({type(err).__name__}): "
+                f"Redis refused the credentials or ACL permissions ({cause}): "
                 "check the user and password in the store URL and the user's ACL",
                 store=self.name,
             )
         if isinstance(err, exc.OutOfMemoryError):
             return StoreUnavailable(
-                "Redis is out of memory (maxmemory reached) and refuses writes: free memory or raise maxmemory",
+                f"Redis is out of memory (maxmemory reached) and refuses writes ({cause}): free memory or raise maxmemory",
                 store=self.name,
             )
         # ReadOnlyError: a write reached a replica during a failover.
         if isinstance(err, (exc.ConnectionError, exc.TimeoutError, exc.ClusterError, exc.TryAgainError, exc.ReadOnlyError)):
             return StoreUnavailable(
-                f"Redis is unreachable or not accepting commands ({type(err).__name__}); retry later",
+                f"Redis is unreachable or not accepting commands ({cause}); retry later",
                 store=self.name,
             )
         if isinstance(err, exc.ResponseError):
@@ -366,9 +406,9 @@ class RedisStore(BaseStore):
                     store=self.name,
                 )
             if message.startswith(("MISCONF", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")):
-                return StoreUnavailable(f"Redis refuses commands for now: {message}", store=self.name)
-            return PersistenceError(f"Redis rejected a command: {message}", store=self.name)
-        return PersistenceError(f"Redis client error ({type(err).__name__}): {message}", store=self.name)
+                return StoreUnavailable(f"Redis refuses commands for now ({cause})", store=self.name)
+            return PersistenceError(f"Redis rejected a command ({cause})", store=self.name)
+        return PersistenceError(f"Redis client error ({cause})", store=self.name)
 
     # -- store contract -----------------------------------------------------
 
@@ -450,8 +490,8 @@ class RedisStore(BaseStore):
 
     def get(self, key_hash: str) -> StoredRecord | None:
         with self._errors():
-            found = self._fetch(self._connection().client, [key_hash], with_blob=True)
-        return found[0]
+            found = self._fetch(self._connection().client, [key_hash], with_blob=True)[0]
+        return None if found is None else decoded(found, store=self.name)
 
     def delete(self, key_hash: str) -> bool:
         with self._errors():
@@ -604,43 +644,60 @@ class RedisStore(BaseStore):
 
     @staticmethod
     def _decode(key_hash: str, fields: Mapping[bytes, bytes], blob: bytes | None) -> StoredRecord:
-        return StoredRecord(
-            key_hash=key_hash,
-            kind=Kind(fields[b"kind"].decode()),
-            status=Status(fields[b"status"].decode()),
-            blob=blob or b"",
-            metadata=load_metadata(fields.get(b"meta")),
-            created_at=float(fields[b"created_at"]),
-            expires_at=_opt_float(fields.get(b"expires_at")),
-            due_at=_opt_float(fields.get(b"due_at")),
-            updated_at=float(fields[b"updated_at"]),
-            version=int(fields.get(b"version", b"0")),
-            seal=fields.get(b"seal", b"").decode(),
+        """The record of a hash, or its poisoned placeholder when the hash does not decode."""
+        return salvage(
+            key_hash,
+            lambda: decode_record(
+                key_hash,
+                kind=fields.get(b"kind"),
+                status=fields.get(b"status"),
+                blob=blob,
+                metadata=fields.get(b"meta"),
+                created_at=fields.get(b"created_at"),
+                expires_at=fields.get(b"expires_at"),
+                due_at=fields.get(b"due_at"),
+                updated_at=fields.get(b"updated_at"),
+                version=fields.get(b"version"),
+                seal=fields.get(b"seal"),
+            ),
         )
 
     def due(self, now: float, limit: int = 100) -> list[StoredRecord]:
         if limit <= 0:
             return []
-        out: list[StoredRecord] = []
+        found: list[tuple[float, StoredRecord]] = []
         seen: set[str] = set()
         offset = 0
         with self._errors():
             client = self._connection().client
-            while len(out) < limit:
-                want = limit - len(out)
-                raw = client.zrangebyscore(self._k_due, "-inf", repr(float(now)), start=offset, num=want)
-                keys = [k.decode() for k in raw]
-                for rec in self._fetch(client, keys, with_blob=True):
-                    # Re-checked: the record may have moved or gone since the index read.
-                    if rec is None or rec.due_at is None or rec.due_at > now or rec.key_hash in seen:
+            while len(found) < limit:
+                want = limit - len(found)
+                raw = client.zrangebyscore(self._k_due, "-inf", repr(float(now)), start=offset, num=want, withscores=True)
+                scores = {k.decode(): float(score) for k, score in raw}
+                for rec in self._fetch(client, list(scores), with_blob=True):
+                    if rec is None or rec.key_hash in seen:
+                        continue
+                    # Re-checked: the record may have moved or gone since the index read. A
+                    # poisoned one has no due_at to check: the index says it is due.
+                    if rec.poisoned is None and (rec.due_at is None or rec.due_at > now):
                         continue
                     seen.add(rec.key_hash)
-                    out.append(rec)
-                if len(keys) < want:
+                    found.append((scores[rec.key_hash] if rec.due_at is None else rec.due_at, rec))
+                if len(raw) < want:
                     break
-                offset += len(keys)
-        out.sort(key=lambda r: (r.due_at, r.key_hash))
-        return out
+                offset += len(raw)
+        found.sort(key=lambda pair: (pair[0], pair[1].key_hash))
+        return [rec for _, rec in found]
+
+    def quarantine(self, key_hash: str) -> bool:
+        """One MULTI: ZREM from the due index and HDEL ``due_at``; the hash is never read."""
+        with self._errors():
+            pipe = self._connection().client.pipeline(transaction=True)
+            pipe.execute_command("EXISTS", self._k_rec + key_hash)
+            pipe.execute_command("ZREM", self._k_due, key_hash)
+            pipe.execute_command("HDEL", self._k_rec + key_hash, "due_at")
+            existed = pipe.execute()[0]
+        return bool(existed)
 
     def health(self) -> dict[str, Any]:
         """``ok``, server version, record count, latency and warnings about durability.

@@ -12,11 +12,12 @@ it, for commands with an argument over 64 KiB.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit
 
 from ..errors import ConfigurationError
 from .drivers import mask_url, require
@@ -28,6 +29,10 @@ SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
 #: Commands with an argument larger than this are packed without copying it.
 _LARGE_ARG = 64 * 1024
 _SENTINEL_PORT = 26379
+#: Connection keyword arguments a redis-py pool takes out before it builds connections
+#: (``ConnectionPool`` and ``SentinelConnectionPool`` pop them; their signatures do not list them).
+_POOL_POPPED = frozenset({"cache", "cache_config", "maint_notifications_pool_handler"})
+_SENTINEL_POOL_POPPED = frozenset({"ssl", "is_master", "check_connection"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +50,9 @@ class RedisTarget:
         url_options: What redis-py reads from the URL (typed by redis-py); for
             sentinels, the options of the master connections.
         sentinel_options: ``username`` / ``password`` for the sentinels themselves.
+        refused_options: URL query options no class on redis-py's way takes
+            (see :meth:`check`); names only.
+        connection_class: Name of the connection class they were checked against.
     """
 
     url: str
@@ -55,6 +63,8 @@ class RedisTarget:
     service: str = ""
     url_options: Mapping[str, Any] = field(default_factory=dict)
     sentinel_options: Mapping[str, Any] = field(default_factory=dict)
+    refused_options: tuple[str, ...] = ()
+    connection_class: str = ""
 
     @classmethod
     def parse(
@@ -92,9 +102,24 @@ class RedisTarget:
                 url_options = dict(redis.connection.parse_url(url))
             except ValueError as exc:
                 raise ConfigurationError(f"bad Redis URL {name!r}: {exc}", store=name) from None
+            refused: tuple[str, ...] = ()
+            connection_class: type[Any] = redis.Connection
+            if not cluster:
+                # RedisCluster drops the options it does not know; a plain pool hands them to
+                # its connection class, which raises TypeError on the first command.
+                connection_class = options.get("connection_class") or url_options.get("connection_class") or redis.Connection
+                refused = _refused(_query_names(urlsplit(url).query), [redis.ConnectionPool, connection_class], _POOL_POPPED)
             if cluster and url_options.get("db", 0) != 0:
                 raise ConfigurationError("Redis Cluster has only database 0; drop the /db from the URL", store=name)
-            target = cls(url, name, "cluster" if cluster else "standalone", options, url_options=url_options)
+            target = cls(
+                url,
+                name,
+                "cluster" if cluster else "standalone",
+                options,
+                url_options=url_options,
+                refused_options=refused,
+                connection_class=connection_class.__name__,
+            )
         if target.url_options.get("decode_responses") or options.get("decode_responses"):
             raise ConfigurationError("the Redis store needs decode_responses off (blobs are bytes)", store=name)
         return target
@@ -124,17 +149,71 @@ class RedisTarget:
             url_options = dict(redis.connection.parse_url(shadow))
         except ValueError as exc:
             raise ConfigurationError(f"bad store URL {name!r}: {exc}") from None
+        sentinel_mod = require("redis.sentinel", extra="redis", store="redis")
+        connection_class = options.get("connection_class") or (
+            sentinel_mod.SentinelManagedSSLConnection if "ssl" in query else sentinel_mod.SentinelManagedConnection
+        )
+        refused = _refused(
+            _query_names(urlencode(query)),
+            [sentinel_mod.SentinelConnectionPool, connection_class],
+            _POOL_POPPED | _SENTINEL_POOL_POPPED,
+        )
         url_options.pop("host", None)
         url_options.pop("port", None)
-        return cls(url, name, "sentinel", options, tuple(sentinels), segments[0], url_options, sentinel_options)
+        return cls(
+            url,
+            name,
+            "sentinel",
+            options,
+            tuple(sentinels),
+            segments[0],
+            url_options,
+            sentinel_options,
+            refused_options=refused,
+            connection_class=connection_class.__name__,
+        )
 
     @property
     def cluster(self) -> bool:
         """True when the URL names a node of a Redis Cluster."""
         return self.mode == "cluster"
 
+    def check(self) -> None:
+        """Refuse URL query options redis-py would hand to a connection class that does not take them.
+
+        redis-py passes an option it has no parser for to the connection class as a
+        string, which raises a bare TypeError on the first command (redis-py 8:
+        ``sentinel_password`` or ``ssl_keyfile_password`` on ``redis://``, ``ssl_*``
+        on a non-TLS URL). :meth:`connect` calls this first, so the first operation
+        raises instead. (Not when the store is opened: an application binds its store
+        when it starts, and reports it, before any operation.) Names the options,
+        never their values.
+
+        Raises:
+            ConfigurationError: An option no class on the way takes.
+        """
+        unknown = self.refused_options
+        if not unknown:
+            return
+        hint = ""
+        if any(n.startswith("sentinel_") for n in unknown):
+            hint = " (sentinel_username / sentinel_password apply to redis+sentinel:// URLs only)"
+        elif any(n.startswith("ssl") for n in unknown):
+            hint = " (TLS options need a rediss:// URL, or ?ssl=true on redis+sentinel://)"
+        many = len(unknown) > 1
+        raise ConfigurationError(
+            f"Redis URL option{'s' if many else ''} {', '.join(repr(n) for n in unknown)} "
+            f"not taken by redis-py's {self.connection_class}{hint}: remove {'them' if many else 'it'} from the store URL",
+            store=self.name,
+        )
+
     def connect(self, redis: ModuleType, retries: int) -> Any:
-        """A new redis-py client for this target; reconnects ``retries`` times with backoff."""
+        """A new redis-py client for this target; reconnects ``retries`` times with backoff.
+
+        Raises:
+            ConfigurationError: See :meth:`check`.
+        """
+        self.check()
         packer = _make_packer(redis)
         backoff = redis.backoff.ExponentialWithJitterBackoff(cap=1.0, base=0.05)
         retry = redis.retry.Retry(backoff, retries)
@@ -161,6 +240,33 @@ class RedisTarget:
             manager = sentinel_mod.Sentinel(list(self.sentinels), sentinel_kwargs=sentinel_kwargs)
             return manager.master_for(self.service, **{**options, **self.url_options})
         return redis.Redis.from_url(self.url, **options)
+
+
+def _query_names(query: str) -> list[str]:
+    """The option names redis-py's ``parse_url`` passes on (it skips blank values)."""
+    return list(parse_qs(query))
+
+
+def _init_parameters(classes: Iterable[type[Any]]) -> set[str]:
+    """Keyword parameters of ``__init__`` along each class's MRO (``**kwargs`` pass them up)."""
+    names: set[str] = set()
+    for cls in classes:
+        for klass in getattr(cls, "__mro__", (cls,)):
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            try:
+                params = inspect.signature(init).parameters.values()
+            except (TypeError, ValueError):
+                continue
+            names.update(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    names.discard("self")
+    return names
+
+
+def _refused(names: Iterable[str], classes: Iterable[type[Any]], popped: Iterable[str]) -> tuple[str, ...]:
+    """The option ``names`` that neither the pool nor the connection classes take, sorted."""
+    return tuple(sorted(set(names) - _init_parameters(classes) - set(popped)))
 
 
 def _sentinel_hosts(hostlist: str, url: str) -> list[tuple[str, int]]:

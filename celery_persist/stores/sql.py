@@ -66,6 +66,16 @@ does.
 Errors: connection loss, timeouts, lock and deadlock errors become
 :class:`~celery_persist.errors.StoreUnavailable`; a missing table or a
 permission problem becomes :class:`~celery_persist.errors.ConfigurationError`.
+The message names the driver's cause (``OperationalError: connection failed:
+... Connection refused``), URLs and passwords masked. A row that does not
+decode is an :class:`~celery_persist.errors.IntegrityError` from :meth:`SQLStore.get`
+and a poisoned placeholder in :meth:`SQLStore.scan` / :meth:`SQLStore.due`.
+
+Server restarts: server connections are checked out with ``pool_pre_ping``, and
+a disconnect seen on one connection invalidates every older one in the pool, so
+after a restart the next operation opens a fresh connection; an operation that
+was using a connection when the server went away (or that runs while it is
+still starting up) raises ``StoreUnavailable``, and the one after reconnects.
 
 Servers tested: SQLite 3 (stdlib), PostgreSQL 15 with psycopg 3.3 and psycopg2 2.9,
 MariaDB 10.11 with PyMySQL 1.2.
@@ -88,7 +98,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
 
 from ..errors import ConfigurationError, PersistenceError, StoreUnavailable
-from .base import KEEP, BaseStore, Keep, Kind, Page, Status, StoredRecord, dump_metadata, load_metadata, token_changes
+from .base import KEEP, BaseStore, Keep, Kind, Page, Status, StoredRecord, decode_record, decoded, dump_metadata, salvage, token_changes
+from .drivers import describe
 from .sql_engine import SQLTarget
 from .sql_migrations import MIGRATIONS, MYSQL, Schema
 
@@ -263,28 +274,35 @@ class SQLStore(BaseStore):
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
-        """The one place driver errors become store errors."""
+        """The one place driver errors become store errors; the message names the driver's cause, masked."""
         try:
             yield
         except PersistenceError:
             raise
         except sa_exc.DBAPIError as exc:
+            # exc.orig, never exc: SQLAlchemy's text quotes the statement and its parameters.
+            cause = self._describe(exc.orig)
             text = str(exc.orig).lower()
             if isinstance(exc, sa_exc.ProgrammingError) or "no such table" in text:
                 raise ConfigurationError(
-                    f"SQL store schema or permissions problem ({type(exc.orig).__name__}); "
+                    f"SQL store schema or permissions problem ({cause}); "
                     "run store.setup() (celery persist setup) and check the database user's rights",
                     store=self.name,
                 ) from exc
             if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
-                raise StoreUnavailable(f"SQL store unavailable ({type(exc.orig).__name__})", store=self.name) from exc
+                raise StoreUnavailable(f"SQL store unavailable ({cause})", store=self.name) from exc
             raise
         except (sa_exc.DisconnectionError, sa_exc.TimeoutError) as exc:
-            raise StoreUnavailable(f"SQL store unavailable ({type(exc).__name__})", store=self.name) from exc
+            raise StoreUnavailable(f"SQL store unavailable ({self._describe(exc)})", store=self.name) from exc
         except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError) as exc:
-            raise ConfigurationError(f"bad SQL store configuration: {exc}", store=self.name) from exc
+            raise ConfigurationError(f"bad SQL store configuration ({self._describe(exc)})", store=self.name) from exc
         except OSError as exc:
-            raise StoreUnavailable(f"SQL store unavailable ({type(exc).__name__})", store=self.name) from exc
+            raise StoreUnavailable(f"SQL store unavailable ({self._describe(exc)})", store=self.name) from exc
+
+    def _describe(self, exc: BaseException | None) -> str:
+        if exc is None:
+            return "no driver error"
+        return describe(exc, password=self._target.url.password)
 
     # -- rows -------------------------------------------------------------------------------
 
@@ -305,21 +323,24 @@ class SQLStore(BaseStore):
 
     @staticmethod
     def _record(row: Row[Any], blob: Any = None) -> StoredRecord:
+        """The row's record, or its poisoned placeholder when the row does not decode."""
         m = row._mapping
-        if blob is None:
-            blob = m["blob"]
-        return StoredRecord(
-            key_hash=m["key_hash"],
-            kind=Kind(m["kind"]),
-            status=Status(m["status"]),
-            blob=blob if isinstance(blob, bytes) else bytes(blob),
-            metadata=load_metadata(m["metadata"]),
-            created_at=m["created_at"],
-            expires_at=m["expires_at"],
-            due_at=m["due_at"],
-            updated_at=m["updated_at"],
-            version=int(m["version"]),
-            seal=m["seal"],
+        key_hash = str(m["key_hash"])
+        return salvage(
+            key_hash,
+            lambda: decode_record(
+                key_hash,
+                kind=m["kind"],
+                status=m["status"],
+                blob=m["blob"] if blob is None else blob,
+                metadata=m["metadata"],
+                created_at=m["created_at"],
+                expires_at=m["expires_at"],
+                due_at=m["due_at"],
+                updated_at=m["updated_at"],
+                version=m["version"],
+                seal=m["seal"],
+            ),
         )
 
     def _select(self, *, with_blob: bool) -> sa.Select[Any]:
@@ -402,7 +423,7 @@ class SQLStore(BaseStore):
         # autocommit could pair a record with the blob of a put that landed in between.
         with self._connect() as conn:
             row = conn.execute(self._with_blob.where(self.table.c.key_hash == key_hash)).first()
-        return None if row is None else self._record(row)
+        return None if row is None else decoded(self._record(row), store=self.name)
 
     def delete(self, key_hash: str) -> bool:
         t, b = self.table, self.blobs
@@ -413,6 +434,12 @@ class SQLStore(BaseStore):
             found = conn.execute(sa.delete(t).where(t.c.key_hash == key_hash)).rowcount == 1
             conn.execute(sa.delete(b).where(b.c.key_hash == key_hash))
             return found
+
+    def quarantine(self, key_hash: str) -> bool:
+        """One ``UPDATE ... SET due_at = NULL WHERE key_hash = :k`` (the row is never decoded)."""
+        t = self.table
+        with self._connect(write=True) as conn:
+            return conn.execute(sa.update(t).where(t.c.key_hash == key_hash).values(due_at=None)).rowcount == 1
 
     def transition(
         self,

@@ -21,7 +21,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 
 from ..errors import ConfigurationError
-from .drivers import mask_url, require
+from .drivers import describe, mask_url, require
 from .filesystem import make_private_dirs
 from .sql_migrations import MYSQL
 
@@ -64,8 +64,8 @@ class SQLTarget:
         """
         try:
             parsed = sa.make_url(url)
-        except sa_exc.ArgumentError as exc:
-            raise ConfigurationError(f"cannot parse SQL store URL {mask_url(url)!r}") from exc
+        except (sa_exc.ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+            raise ConfigurationError(f"cannot parse SQL store URL {mask_url(url)!r} ({describe(exc, url=url)})") from exc
         backend, _, driver = parsed.drivername.partition("+")
         backend = backend.lower()
         if backend == "postgres":

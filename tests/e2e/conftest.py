@@ -60,7 +60,7 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
         ns = f"{SESSION_NS}-{label}"
         url, store_options, drop = store_for(store, label, workdir)
         if store_url is not None:  # a store of the test's own, e.g. a private server it restarts
-            url, store_options, drop = store_url, {"prefix": ns}, lambda: None
+            url, store_options, drop = store_url, {"prefix": ns.replace("-", "_")}, lambda: None
         cleanups.append(drop)
         if broker == "redis":
             broker_url = redis_db(REDIS_URL, BROKER_DB)

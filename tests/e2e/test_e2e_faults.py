@@ -17,6 +17,7 @@ from celery_persist import AlreadyResumed, Persist, StoreUnavailable
 from celery_persist.flow import rename_tasks
 from tests.e2e import flows
 from tests.e2e.harness import Stack, wait_for
+from tests.integration.test_postgres_restart import private_pg  # noqa: F401 - a fixture, used by name
 from tests.integration.test_redis_store import RedisServer
 
 #: Flows parked through the store restarts; CELERY_PERSIST_TEST_OUTAGE_FLOWS=1000 for the long run.
@@ -131,13 +132,32 @@ def test_task_aliases_send_a_parked_flow_to_the_renamed_task(make_stack: Callabl
         stack.close()
 
 
-def test_parks_and_resumes_ride_out_store_restarts(make_stack: Callable[..., Stack], tmp_path: Path) -> None:
-    """A private Redis store (AOF, fsync always) is killed and restarted again and again while a
-    real worker parks N flows and this process resumes them: no park fails, no flow is lost, and
-    every continuation runs exactly once."""
-    server = RedisServer(tmp_path / "store", appendonly="yes", appendfsync="always")
-    server.start()
-    stack = make_stack(store="sqlite", store_url=server.url, start=False)
+@pytest.fixture(params=["redis", "postgresql"])
+def restartable(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Callable[[float], None]]]:
+    """A private store server of the test's own and a function that crash-restarts it."""
+    if request.param == "redis":
+        server = RedisServer(tmp_path / "store", appendonly="yes", appendfsync="always")
+        server.start()
+
+        def bounce(down: float) -> None:
+            server.kill()
+            time.sleep(down)  # the fault itself: how long a restart or failover keeps the store away
+            server.start()
+
+        yield server.url, bounce
+        server.stop()
+    else:
+        cluster = request.getfixturevalue("private_pg")
+        yield cluster.url, lambda down: cluster.restart()  # pg_ctl restart -m immediate: crash, recovery, back
+
+
+def test_parks_and_resumes_ride_out_store_restarts(
+    make_stack: Callable[..., Stack], restartable: tuple[str, Callable[[float], None]]
+) -> None:
+    """A private store server is crash-restarted again and again while a real worker parks N flows and
+    this process resumes them: no park fails, no flow is lost, and every continuation runs exactly once."""
+    url, bounce = restartable
+    stack = make_stack(store="sqlite", store_url=url, start=False)
     stack.config["lease"] = 2  # a resume cut off by an outage is re-opened (or finished) quickly
     stack.app.close()
     stack.app = flows.make_app(stack.config)
@@ -150,9 +170,7 @@ def test_parks_and_resumes_ride_out_store_restarts(make_stack: Callable[..., Sta
         pauses = [0.5, 2.0, 1.0, 3.0]
         while not stop.is_set():
             down = pauses[len(outages) % len(pauses)]
-            server.kill()
-            time.sleep(down)  # the fault itself: how long a restart or failover keeps the store away
-            server.start()
+            bounce(down)
             outages.append(down)
             stop.wait(1.5)
 
@@ -171,7 +189,7 @@ def test_parks_and_resumes_ride_out_store_restarts(make_stack: Callable[..., Sta
         for i, key in enumerate(keys):
             _resume_through_outages(stack, key, i)
         stop.set()
-        thread.join(timeout=30)
+        thread.join(timeout=60)
         assert outages, "the store was never restarted"
         assert [r.get(timeout=120) for r in results] == [{"published": i} for i in range(N_OUTAGE)]
         stack.sig("e2e.publish", "sentinel", tag=f"{tag}:sentinel").apply_async()
@@ -181,7 +199,6 @@ def test_parks_and_resumes_ride_out_store_restarts(make_stack: Callable[..., Sta
     finally:
         stop.set()
         stack.close()
-        server.stop()
 
 
 def _with_outages(call: Callable[[], str]) -> str:

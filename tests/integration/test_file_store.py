@@ -63,6 +63,9 @@ def test_key_hash_must_be_64_lowercase_hex(fstore: FileStore, bad: str) -> None:
         ("file://otherhost/dir", {}),
         ("file:///tmp/x", {"prefix": ".."}),
         ("file:///tmp/x", {"prefix": "a/b"}),
+        ("file:///tmp/a%00b", {}),
+        ("file:///tmp/a\x00b", {}),
+        ("file://[::1/dir", {}),
     ],
 )
 def test_bad_configuration(url: str, options: dict[str, Any]) -> None:
@@ -70,19 +73,138 @@ def test_bad_configuration(url: str, options: dict[str, Any]) -> None:
         open_store(url, **options)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file://user:S3CRET@otherhost/dir",
+        "file://:S3CRET@localhost.example/dir?token=T0KEN",
+        "file:relative/dir?token=T0KEN",
+        "file:///tmp/a%00b?token=T0KEN",
+    ],
+)
+def test_configuration_errors_show_the_url_masked(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        open_store(url)
+    for secret in ("S3CRET", "T0KEN"):
+        assert secret not in str(info.value)
+
+
 def test_symlinked_record_is_refused_not_followed(fstore: FileStore, tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"not a record")
-    key = kh("link")
+    key, other = kh("link"), kh("link", "other")
     fstore.put(rec(key))
+    fstore.put(rec(other))
     path = record_path(fstore, key)
     path.unlink()
     path.symlink_to(victim)
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="symlink"):
         fstore.get(key)
     with pytest.raises(IntegrityError):
         fstore.transition(key, {Status.SUSPENDED}, Status.CLAIMED, now=NOW)
+    with pytest.raises(IntegrityError):
+        fstore.replace_blob(key, b"blob", b"new", now=NOW)
+    with pytest.raises(IntegrityError):
+        fstore.put(rec(key, blob=b"written through the link?"))
+    # Listings show it as a poisoned placeholder, and the rest as they are.
+    listed = {r.key_hash: r for r in fstore.scan(with_blob=True).items}
+    assert listed[other] == rec(other) and listed[key].poisoned == "record file is a symlink; refusing to follow it"
     assert victim.read_bytes() == b"not a record"
+    # delete() removes the planted link itself, never what it points at.
+    assert fstore.delete(key) is True
+    assert not os.path.lexists(path) and victim.read_bytes() == b"not a record"
+
+
+def _record_bytes(tmp_path: Path, key: str) -> bytes:
+    """A genuine record file for ``key``, written by a store of its own."""
+    s = open_store(f"file://{tmp_path / 'donor'}")
+    s.put(rec(key, blob=b"planted"))
+    return (Path(s.root) / "records" / key[:2] / key).read_bytes()
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def test_symlinked_shard_directory_is_refused_not_followed(fstore: FileStore, tmp_path: Path) -> None:
+    key = kh("shard-link")
+    neighbour = next(kh("shard-link", i) for i in range(10_000) if kh("shard-link", i)[:2] != key[:2])
+    fstore.put(rec(neighbour))
+    # Someone with write access to the directory plants records/<shard> -> a directory of theirs,
+    # holding a well-formed record for the key.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / key).write_bytes(_record_bytes(tmp_path, key))
+    shard = record_path(fstore, key).parent
+    assert not shard.exists()
+    shard.symlink_to(elsewhere, target_is_directory=True)
+    before = _tree(elsewhere)
+    for call in (
+        lambda: fstore.get(key),
+        lambda: fstore.put(rec(key, blob=b"through the link?")),
+        lambda: fstore.transition(key, {Status.SUSPENDED}, Status.CLAIMED, due_at=NOW + 5, now=NOW),
+        lambda: fstore.replace_blob(key, b"planted", b"new", now=NOW),
+        lambda: fstore.delete(key),
+        lambda: fstore.quarantine(key),
+        lambda: fstore.scan(),
+    ):
+        with pytest.raises(IntegrityError, match="symlink"):
+            call()
+    assert _tree(elsewhere) == before, "the link's target was changed"
+    assert fstore.get(neighbour) == rec(neighbour)
+
+
+@pytest.mark.parametrize("planted", ["records", "due", "locks"])
+def test_symlinked_store_subdirectory_is_refused_not_followed(fstore: FileStore, tmp_path: Path, planted: str) -> None:
+    key = kh("subdir-link")
+    fstore.put(rec(key, due_at=NOW - 1))
+    real = Path(fstore.root) / planted
+    elsewhere = tmp_path / f"elsewhere-{planted}"
+    real.rename(elsewhere)  # everything the store had, now outside it
+    real.symlink_to(elsewhere, target_is_directory=True)
+    before = _tree(elsewhere)
+    calls: dict[str, Any] = {
+        "records": lambda: fstore.get(key),
+        "due": lambda: fstore.due(NOW),
+        "locks": lambda: fstore.transition(key, {Status.SUSPENDED}, Status.CLAIMED, due_at=None, now=NOW),
+    }
+    with pytest.raises(IntegrityError, match="symlink"):
+        calls[planted]()
+    with pytest.raises(IntegrityError, match="symlink"):
+        fstore.put(rec(kh("subdir-link", "new"), due_at=NOW - 2))
+    assert _tree(elsewhere) == before, "the link's target was changed"
+
+
+def test_symlinked_lock_file_and_due_bucket_are_refused(fstore: FileStore, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    key = kh("lock-link")
+    lock = Path(fstore.root) / "locks" / key[:2]
+    lock.symlink_to(victim)
+    with pytest.raises(IntegrityError, match="symlink"):
+        fstore.put(rec(key))
+    bucket, _ = fstore._markers.locate(NOW + 60, key)
+    bucket_dir = Path(fstore.root) / "due" / bucket
+    elsewhere = tmp_path / "elsewhere-bucket"
+    elsewhere.mkdir()
+    bucket_dir.symlink_to(elsewhere, target_is_directory=True)
+    other = next(kh("bucket-link", i) for i in range(10_000) if kh("bucket-link", i)[:2] != key[:2])
+    with pytest.raises(IntegrityError, match="symlink"):
+        fstore.put(rec(other, due_at=NOW + 60))
+    with pytest.raises(IntegrityError, match="symlink"):
+        fstore.due(NOW + 61)
+    assert victim.read_bytes() == b"keep me" and list(elsewhere.iterdir()) == []
+
+
+def test_planted_fifo_is_refused_without_blocking(fstore: FileStore) -> None:
+    key = kh("fifo")
+    fstore.put(rec(key))
+    path = record_path(fstore, key)
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(IntegrityError, match="not a regular file"):
+        fstore.get(key)
+    assert [r.poisoned for r in fstore.scan().items] == ["record file is not a regular file"]
 
 
 def test_symlinked_store_directory_is_refused(tmp_path: Path) -> None:

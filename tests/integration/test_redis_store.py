@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -664,6 +665,7 @@ def test_server_restart_mid_run_loses_no_record_and_doubles_no_claim(servers: Ca
     lock = threading.Lock()
     wins: dict[str, list[int]] = collections.defaultdict(list)
     unknown: set[str] = set()  # calls that raised: their outcome is not known
+    messages: list[str] = []  # of the StoreUnavailable raised on the way
     failures: list[BaseException] = []
     restarted = threading.Event()
     wins_after_restart = [0]
@@ -679,9 +681,10 @@ def test_server_restart_mid_run_loses_no_record_and_doubles_no_claim(servers: Ca
                         try:
                             won = s.transition(rec.key_hash, {Status.SUSPENDED}, Status.CLAIMED, due_at=2e9, now=time.time())
                             break
-                        except StoreUnavailable:
+                        except StoreUnavailable as exc:
                             with lock:
                                 unknown.add(rec.key_hash)
+                                messages.append(exc.message)
                             if time.monotonic() > deadline:
                                 raise
                     if won:
@@ -705,6 +708,9 @@ def test_server_restart_mid_run_loses_no_record_and_doubles_no_claim(servers: Ca
     assert not failures, failures
     assert at_kill < len(recs), "the run ended before the restart; the test proved nothing"
     assert wins_after_restart[0] > 0, "no claim succeeded after the restart"
+    # Each outage report names redis-py's cause, not just "unreachable".
+    for message in messages:
+        assert re.search(r"\((ConnectionError|TimeoutError|BusyLoadingError|\w+Error): \S", message), message
 
     assert all(len(winners) == 1 for winners in wins.values()), "a record was claimed twice"
     # A record nobody won is possible only where a call's outcome was unknown.
@@ -716,6 +722,41 @@ def test_server_restart_mid_run_loses_no_record_and_doubles_no_claim(servers: Ca
             assert got is not None, "a record was lost"
             assert got.status is Status.CLAIMED
             assert (got.blob, got.metadata, got.created_at) == (rec.blob, rec.metadata, rec.created_at)
+
+
+def test_a_stopped_server_is_store_unavailable_naming_the_cause_then_recovers(servers: Callable[..., RedisServer]) -> None:
+    server = servers("stopped", appendonly="yes", appendfsync="always", requirepass="s3cret-pw")
+    rec = record(1)
+    with RedisStore(f"redis://:s3cret-pw@127.0.0.1:{server.port}/0", prefix="stop", retries=0, socket_connect_timeout=2) as s:
+        s.put(rec)
+        server.stop()
+        with pytest.raises(StoreUnavailable) as info:
+            s.get(rec.key_hash)
+        message = info.value.message
+        assert "ConnectionError: " in message and "refused" in message.lower(), message
+        assert f"127.0.0.1:{server.port}" in message, "the cause names the host and port"
+        assert "s3cret-pw" not in str(info.value)
+        assert info.value.__cause__ is not None
+        server.start()
+        assert s.get(rec.key_hash) == rec  # the same store object reconnects
+
+
+def test_url_options_redis_py_would_choke_on_are_a_configuration_error_naming_them() -> None:
+    """redis-py 8 hands query options it has no parser for to the connection class, which raised
+    a bare TypeError on the first command; the store names the option, never its value."""
+    url = f"redis://127.0.0.1:{free_port()}/0?sentinel_password=S3NT&ssl_keyfile_password=KFP&socket_timeout=3"
+    s = RedisStore(url, prefix="opts", retries=0)  # binding an application never fails on it
+    with pytest.raises(ConfigurationError, match="'sentinel_password', 'ssl_keyfile_password'") as info:
+        s.get(record(1).key_hash)
+    assert "S3NT" not in str(info.value) and "KFP" not in str(info.value)
+    assert s.health()["ok"] is False
+    s.close()
+    # What redis-py takes for the connection class at hand passes: TLS options on rediss://, not on redis://.
+    RedisStore("rediss://127.0.0.1:1/0?ssl_cert_reqs=none&ssl_check_hostname=false", prefix="opts").close()
+    with pytest.raises(ConfigurationError, match="rediss://"):
+        RedisStore("redis://127.0.0.1:1/0?ssl_check_hostname=false", prefix="opts", retries=0).get(record(1).key_hash)
+    with pytest.raises(ConfigurationError, match="'timeout'"):
+        RedisStore("unix:///tmp/none.sock?timeout=3", prefix="opts", retries=0).get(record(1).key_hash)
 
 
 # -- fork ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import queue
 import random
+import re
 import socket
 import threading
 import time
@@ -23,10 +24,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from celery_persist.errors import StoreUnavailable
+from celery_persist.errors import IntegrityError, StoreUnavailable
 from celery_persist.stores import KEEP, BaseStore, Kind, Status, StoredRecord, open_store
 from tests.integration import contract_workers
-from tests.integration.backends import Backend
+from tests.integration.backends import BAD_METADATA, BAD_STATUS, Backend
 
 pytestmark = pytest.mark.integration
 
@@ -584,6 +585,84 @@ def test_due_touches_only_due_records(store: BaseStore) -> None:
     assert {r.key_hash for r in got} == due_keys
     assert len(got) == 10
     assert store.due(NOW, limit=3) == got[:3]
+
+
+# -- records that do not decode -----------------------------------------------------------------
+
+#: What each ``corrupt`` edit makes the store report (``field`` differs by what a database can hold).
+POISON_REASONS = {
+    "metadata": r"^metadata is not (JSON|base64 JSON text)$",
+    "status": rf"^unknown status '{BAD_STATUS}'$",
+    "field": r"^(created_at is missing|created_at is not a number|unknown kind 'gadget')$",
+}
+
+
+@pytest.mark.parametrize("how", sorted(POISON_REASONS))
+def test_a_record_that_does_not_decode_poisons_only_itself(backend: Backend, store: BaseStore, how: str) -> None:
+    """One row edited below the API: get() refuses it, scan() and due() still return every
+    other record and a placeholder for it, quarantine() takes it out of due(), delete() removes it."""
+    if backend.corrupt is None:
+        pytest.skip(f"{backend.name} has no level below its API to corrupt")
+    good = [make(kh("poison", i), due_at=NOW - 30 + i, metadata={"i": i}) for i in range(4)]
+    bad = make(kh("poison", "bad"), due_at=NOW - 20.5, metadata={"secret-ish": "state"})
+    store.put_many([*good, bad])
+    backend.corrupt(store, bad.key_hash, how)
+
+    with pytest.raises(IntegrityError) as info:
+        store.get(bad.key_hash)
+    assert info.value.store == store.name
+    assert info.value.key == bad.key_hash[:12]
+    reason = info.value.message
+    assert re.fullmatch(POISON_REASONS[how], reason), reason
+    for content in (BAD_METADATA, "secret-ish", "demo.step"):
+        assert content not in str(info.value), "the error quotes the row's content"
+    for rec in good:
+        assert store.get(rec.key_hash) == rec
+
+    def check(listed: list[StoredRecord], *, with_blob: bool) -> None:
+        by_key = {r.key_hash: r for r in listed}
+        assert len(by_key) == len(listed) == len(good) + 1, "a record was hidden or repeated"
+        for rec in good:
+            assert by_key[rec.key_hash] == (rec if with_blob else rec.replace(blob=b""))
+        placeholder = by_key[bad.key_hash]
+        assert placeholder.poisoned == reason
+        assert placeholder == StoredRecord(bad.key_hash, Kind.SUSPENSION, Status.SUSPENDED, b"", poisoned=reason)
+
+    for limit in (1, 2, 100):
+        check(walk(store, limit), with_blob=False)
+    check(walk(store, 3, with_blob=True), with_blob=True)
+    due = store.due(NOW)
+    check(due, with_blob=True)
+    assert [r.key_hash for r in due if r.poisoned is None] == [r.key_hash for r in good], "the good records lost their order"
+    assert [r.key_hash for r in store.due(NOW, limit=2)] == [good[0].key_hash, good[1].key_hash]
+
+    # Taken out of the due index, kept for inspection: cleanup never sees it again.
+    assert store.quarantine(bad.key_hash) is True
+    for _ in range(2):
+        assert store.due(NOW + 10**6) == good
+    assert bad.key_hash in {r.key_hash for r in walk(store, 100)}
+    with pytest.raises(IntegrityError):
+        store.get(bad.key_hash)
+    assert store.quarantine(bad.key_hash) is True  # still there: it existed
+    assert store.quarantine(kh("poison", "missing")) is False
+
+    assert store.delete(bad.key_hash) is True
+    assert store.get(bad.key_hash) is None
+    assert walk(store, 100) == [r.replace(blob=b"") for r in sorted(good, key=lambda r: r.key_hash)]
+    assert store.due(NOW) == good
+
+
+def test_quarantine_keeps_a_record_that_decodes_but_takes_it_out_of_due(store: BaseStore) -> None:
+    rec = make(kh("quarantine"), due_at=NOW - 1, version=3, seal=SEAL, blob=os.urandom(70_000))
+    other = make(kh("quarantine", "other"), due_at=NOW - 2)
+    store.put_many([rec, other])
+    assert store.quarantine(rec.key_hash) is True
+    assert store.get(rec.key_hash) == rec.replace(due_at=None), "quarantine changed more than due_at"
+    assert store.due(NOW + 10**6) == [other]
+    # A later write that sets due_at again puts it back: quarantine is not a tombstone.
+    assert store.transition(rec.key_hash, {Status.SUSPENDED}, Status.CLAIMED, due_at=NOW + 5, now=NOW)
+    assert [r.key_hash for r in store.due(NOW + 10)] == [other.key_hash, rec.key_hash]
+    assert store.quarantine(kh("quarantine", "missing")) is False
 
 
 # -- health, fork, outages ----------------------------------------------------------------------

@@ -80,9 +80,11 @@ def test_cleanup_skips_a_tampered_record_and_handles_the_rest(hub: PersistenceHu
     good = hub.suspend({"ok": True}, ttl=60)
     bad = hub.suspend({"ok": False}, ttl=60)
     _edit(store, key_hash(bad), status=Status.RESUMED)  # would make cleanup delete a live flow
-    assert hub.cleanup(now=time.time() + 61) == 1
+    assert hub.cleanup(now=time.time() + 61) == 2  # one expired, one quarantined
     assert store.get(key_hash(good)).status is Status.EXPIRED  # type: ignore[union-attr]
-    assert store.get(key_hash(bad)) is not None  # not deleted, not expired
+    kept = store.get(key_hash(bad))
+    assert kept is not None and kept.status is Status.RESUMED and kept.due_at is None  # not deleted: set aside
+    assert hub.cleanup(now=time.time() + 10**6) == 1  # later runs see only the good record (now past retention)
 
 
 def test_cancel_acts_only_on_authenticated_state(hub: PersistenceHub, store: BaseStore) -> None:

@@ -269,8 +269,26 @@ def test_json_refuses_unknown_types(value: Any) -> None:
         b"T" + b"[" * 100_000,
     ],
 )
-def test_json_garbage_payloads_raise_serialization_error(payload: bytes) -> None:
-    with pytest.raises(SerializationError):
+def test_json_garbage_payloads_raise_integrity_error(payload: bytes) -> None:
+    with pytest.raises(IntegrityError):
+        json_codec.loads(payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'T{"$cp":"td","v":[1000000000,0,0]}',  # past timedelta.max: OverflowError
+        b'T{"$cp":"td","v":[1e308,0,0]}',
+        b'T{"$cp":"td","v":[0,0,1e300]}',
+        b'T{"$cp":"dec","v":"not a number"}',  # decimal.InvalidOperation, an ArithmeticError
+        b'T{"$cp":"dt","v":"99999-01-01T00:00:00"}',
+        b'T{"$cp":"d","v":"0000-01-01"}',
+        b'T{"$cp":"i","v":"' + b"9" * 5000 + b'"}',  # past int's string-conversion limit
+    ],
+)
+def test_json_crafted_tagged_values_raise_integrity_error(payload: bytes) -> None:
+    """A tagged value the decoder cannot build is corrupt data, never a bare OverflowError or ValueError."""
+    with pytest.raises(IntegrityError, match="json payload does not decode"):
         json_codec.loads(payload)
 
 

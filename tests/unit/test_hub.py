@@ -648,8 +648,10 @@ def test_tampered_expiring_record_is_skipped_and_kept(hub: PersistenceHub, store
     store.raw_put(rec.replace(blob=rec.blob[:-1] + b"\x00"))
     called: list[Suspension] = []
     clock.advance(10)
-    assert hub.cleanup(on_expired=called.append) == 0  # its seal fails: not acted on
-    assert called == [] and store.raw(key_hash(key)) == rec.replace(blob=rec.blob[:-1] + b"\x00")
+    assert hub.cleanup(on_expired=called.append) == 1  # its seal fails: set aside, not acted on
+    kept = store.raw(key_hash(key))
+    assert called == [] and kept is not None and kept.status is Status.SUSPENDED and kept.due_at is None
+    assert hub.cleanup(on_expired=called.append) == 0  # and never looked at again
 
 
 def test_cleanup_deletes_old_checkpoints_and_finished_records(hub: PersistenceHub, store: RecordingStore, clock: FakeClock) -> None:
@@ -1016,18 +1018,23 @@ def test_stats(hub: PersistenceHub, clock: FakeClock) -> None:
     assert stats == {
         "suspensions": {"suspended": 1, "expired": 1, "claimed": 1, "cancelled": 1},
         "checkpoints": 1,
+        "unreadable": 0,
         "oldest_suspended_age": 16.0,
     }
     assert first
     empty = PersistenceHub(RecordingStore(), encryption="off", clock=clock).stats()
-    assert empty == {"suspensions": {}, "checkpoints": 0, "oldest_suspended_age": None}
+    assert empty == {"suspensions": {}, "checkpoints": 0, "unreadable": 0, "oldest_suspended_age": None}
 
 
 def test_maintenance_works_on_a_hub(hub: PersistenceHub, store: RecordingStore, clock: FakeClock) -> None:
     """The hub's cleanup / rotate_keys / stats are thin: maintenance does the work with the hub's pieces."""
     hub.suspend(1, ttl=5)
     hub.save_checkpoint("c", 1, ttl=5)
-    assert maintenance.stats(hub) == hub.stats() == {"suspensions": {"suspended": 1}, "checkpoints": 1, "oldest_suspended_age": 0.0}
+    assert (
+        maintenance.stats(hub)
+        == hub.stats()
+        == {"suspensions": {"suspended": 1}, "checkpoints": 1, "unreadable": 0, "oldest_suspended_age": 0.0}
+    )
     assert maintenance.rotate_keys(hub)["current"] == 2
     clock.advance(6)
     got: list[Suspension] = []

@@ -7,7 +7,21 @@ from typing import Any
 
 import pytest
 
-from celery_persist.stores.base import KEEP, TERMINAL, BaseStore, Kind, Page, Status, StoredRecord, dump_metadata, load_metadata
+from celery_persist.errors import IntegrityError
+from celery_persist.stores.base import (
+    KEEP,
+    TERMINAL,
+    BaseStore,
+    Kind,
+    Page,
+    Status,
+    StoredRecord,
+    decode_record,
+    decoded,
+    dump_metadata,
+    load_metadata,
+    salvage,
+)
 from celery_persist.stores.memory import MemoryStore
 
 
@@ -298,3 +312,107 @@ def test_base_types() -> None:
     assert load_metadata("[1, 2]") == {}
     with pytest.raises(TypeError):
         BaseStore()  # type: ignore[abstract]
+
+
+# -- records that do not decode ------------------------------------------------------------------
+
+
+def plant(store: MemoryStore, kh: str, **fields: Any) -> None:
+    """Replace the kept record with one whose fields are not what their types say (as an edit below the API)."""
+    with store._lock:
+        store._records[kh] = store._records[kh].replace(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"metadata": "{not json"}, "metadata is not JSON"),
+        ({"metadata": 7}, "metadata is not JSON text"),
+        ({"status": "revived"}, "unknown status 'revived'"),
+        ({"status": "x" * 100}, "unknown status 'xxxxxxxxxxxxxxxxxxxxxxxx...'"),
+        ({"kind": None}, "kind is missing"),
+        ({"kind": b"\xff"}, "kind is not UTF-8 text"),
+        ({"created_at": None}, "created_at is missing"),
+        ({"updated_at": "soon"}, "updated_at is not a number"),
+        ({"expires_at": True}, "expires_at is not a number"),
+        ({"version": "seven"}, "version is not an integer"),
+        ({"version": 1.5}, "version is not an integer"),
+        ({"seal": 7}, "seal is not text"),
+        ({"blob": 10**12}, "blob is not bytes"),
+    ],
+)
+def test_a_record_that_does_not_decode_is_poisoned_not_raised(store: MemoryStore, fields: dict[str, Any], reason: str) -> None:
+    store.put_many([rec(hx(1), due=5.0), rec(hx(2), due=6.0, metadata={"secret": "state"}), rec(hx(3), due=7.0)])
+    plant(store, hx(2), **fields)
+    with pytest.raises(IntegrityError) as info:
+        store.get(hx(2))
+    assert info.value.message == reason and info.value.key == hx(2)[:12] and info.value.store == store.name
+    assert "state" not in str(info.value)
+    placeholder = StoredRecord(hx(2), Kind.SUSPENSION, Status.SUSPENDED, b"", poisoned=reason)
+    assert store.scan(with_blob=True).items == [rec(hx(1), due=5.0), placeholder, rec(hx(3), due=7.0)]
+    # A placeholder always matches a filter: its real kind and status are unknown.
+    assert store.scan(kind=Kind.CHECKPOINT).items == [placeholder]
+    assert store.due(10.0) == [rec(hx(1), due=5.0), placeholder, rec(hx(3), due=7.0)]
+    assert store.quarantine(hx(2)) is True
+    assert store.due(10.0) == store.due(10.0) == [rec(hx(1), due=5.0), rec(hx(3), due=7.0)]
+    assert [r.poisoned for r in store.scan().items] == [None, reason, None]  # kept for inspection
+    assert store.delete(hx(2)) is True and store.get(hx(2)) is None
+
+
+def test_quarantine(store: MemoryStore) -> None:
+    store.put(rec(hx(1), due=5.0))
+    assert store.quarantine(hx(1)) is True
+    assert store.get(hx(1)) == rec(hx(1), due=5.0).replace(due_at=None)
+    assert store.due(100.0) == []
+    assert store.quarantine(hx(1)) is True and store.quarantine(hx(2)) is False
+
+
+def test_base_quarantine_default_moves_each_status_to_itself() -> None:
+    class Plain(MemoryStore):
+        quarantine = BaseStore.quarantine
+
+    s = Plain()
+    s.put(rec(hx(1), status=Status.CLAIMED, due=5.0).replace(version=2, seal="s"))
+    assert s.quarantine(hx(1)) is True
+    got = s.get(hx(1))
+    assert got is not None and (got.status, got.due_at, got.version, got.seal) == (Status.CLAIMED, None, 2, "s")
+    assert s.due(100.0) == []
+    assert s.quarantine(hx(2)) is False
+
+
+def test_decode_record_takes_what_drivers_hand_back() -> None:
+    got = decode_record(
+        hx(1),
+        kind=b"checkpoint",
+        status="active",
+        metadata=b'{"a": [1, 2.5]}',
+        created_at=b"1.5",
+        updated_at=2,
+        expires_at=None,
+        due_at="3.25",
+        blob=memoryview(b"xyz"),
+        version=b"7",
+        seal=b"abc",
+    )
+    assert got == StoredRecord(hx(1), Kind.CHECKPOINT, Status.ACTIVE, b"xyz", {"a": [1, 2.5]}, 1.5, None, 3.25, 2.0, 7, "abc")
+    assert type(got.blob) is bytes and type(got.updated_at) is float
+    # Rows written before version and seal existed; metadata absent or not an object.
+    old = decode_record(hx(1), kind="suspension", status="suspended", metadata=None, created_at=1.0, updated_at=1.0)
+    assert (old.version, old.seal, old.metadata, old.blob) == (0, "", {}, b"")
+    assert decode_record(hx(1), kind="suspension", status="suspended", metadata="[1]", created_at=1, updated_at=1).metadata == {}
+
+
+def test_salvage_turns_decode_errors_into_placeholders_only() -> None:
+    def boom(exc: BaseException) -> Any:
+        def decode() -> StoredRecord:
+            raise exc
+
+        return decode
+
+    assert salvage(hx(1), boom(KeyError("created_at"))).poisoned == "created_at is missing"
+    assert salvage(hx(1), boom(KeyError("the row's own text"))).poisoned == "record does not decode (KeyError)"
+    assert salvage(hx(1), boom(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"))).poisoned == "record does not decode (UnicodeDecodeError)"
+    assert salvage(hx(1), boom(IntegrityError("record file is truncated"))).poisoned == "record file is truncated"
+    with pytest.raises(OSError):
+        salvage(hx(1), boom(OSError("disk on fire")))  # driver and I/O errors pass through
+    assert decoded(rec(hx(1)), store="s") == rec(hx(1))

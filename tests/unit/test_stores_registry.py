@@ -13,7 +13,7 @@ import celery_persist.stores as stores
 from celery_persist.errors import ConfigurationError
 from celery_persist.stores import ENTRY_POINT_GROUP, STORES, open_store, store_class
 from celery_persist.stores.base import Kind, Status, StoredRecord
-from celery_persist.stores.drivers import mask_url, require
+from celery_persist.stores.drivers import describe, mask_url, require
 from celery_persist.stores.memory import MemoryStore
 
 
@@ -141,3 +141,57 @@ def test_require() -> None:
     with pytest.raises(ConfigurationError, match=r"pip install 'celery-persist\[nosuch\]'") as info:
         require("no_such_driver_module_xyz", extra="nosuch", store="acme")
     assert info.value.store == "acme"
+
+
+# -- describe(): a driver's error, told safely --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "kwargs", "expected"),
+    [
+        (ConnectionRefusedError(111, "Connection refused"), {}, "ConnectionRefusedError: [Errno 111] Connection refused"),
+        (
+            RuntimeError('missing "=" after "postgresql://app:Pa55word@db:5432/x" in connection info string'),
+            {},
+            'RuntimeError: missing "=" after "postgresql://app:***@db:5432/x" in connection info string',
+        ),
+        (RuntimeError("invalid dsn: host=db password=Pa55word sslpassword='k e y' authSource=admin"), {}, None),
+        (RuntimeError("options {'password': 'Pa55word', 'db': 0}"), {}, "RuntimeError: options {'password': ***, 'db': 0}"),
+        (
+            RuntimeError("relation \"t\" does not exist\nLINE 1: SELECT * FROM t WHERE k = 'Pa55word'"),
+            {},
+            'RuntimeError: relation "t" does not exist',
+        ),
+        (RuntimeError("Key (k)=(x)\nDETAIL: Key (key_hash)=(Pa55word) already exists."), {}, "RuntimeError: Key (k)=(x)"),
+        (RuntimeError("You have an error in your SQL syntax near 'Pa55word' at line 1"), {}, None),
+        (RuntimeError("auth failed for Pa55word"), {"url": "redis://:Pa55word@h:6379/0"}, "RuntimeError: auth failed for ***"),
+        (RuntimeError("auth failed for Pa%2F55"), {"url": "redis://:Pa%2F55@h/0"}, "RuntimeError: auth failed for ***"),
+        (RuntimeError("pw is shown where pw stands alone, not in pwd"), {"password": "pw"}, None),
+        (RuntimeError(""), {}, "RuntimeError"),
+        (RuntimeError("x" * 1000), {}, None),
+    ],
+)
+def test_describe_names_the_cause_and_never_a_secret(error: BaseException, kwargs: dict[str, str], expected: str | None) -> None:
+    text = describe(error, **kwargs)
+    if expected is not None:
+        assert text == expected
+    assert text.startswith(type(error).__name__)
+    assert "Pa55word" not in text and "Pa%2F55" not in text and "k e y" not in text
+    assert "\n" not in text and len(text) <= len(type(error).__name__) + 2 + 240
+    if kwargs.get("password") == "pw":
+        assert text == "RuntimeError: *** is shown where *** stands alone, not in pwd"
+
+
+def test_describe_survives_an_exception_whose_str_raises() -> None:
+    class Odd(Exception):
+        def __str__(self) -> str:
+            raise ValueError("no")
+
+    assert describe(Odd()) == "Odd"
+
+
+@pytest.mark.parametrize("url", ["postgresql://app:S3CRET@db:notaport/x", "postgresql://app:S3 CRET@db:x/x"])
+def test_an_unparsable_sql_url_is_a_configuration_error_without_its_password(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="cannot parse SQL store URL") as info:
+        open_store(url)
+    assert "S3" not in str(info.value) and "CRET" not in str(info.value)

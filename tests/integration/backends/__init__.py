@@ -30,6 +30,12 @@ class Backend:
         teardown: Called with a test's store after the test to remove what it
             wrote (drop its tables, remove its directory). None: the fixture
             deletes the test's records with scan + delete.
+        corrupt: ``corrupt(store, key_hash, how)`` edits one stored record with the
+            driver, below the store's API, so that it no longer decodes: ``how`` is
+            ``"metadata"`` (metadata that is not JSON), ``"status"`` (the unknown
+            status ``revived``) or ``"field"`` (a required field missing, or of the
+            wrong type where the database cannot drop it). None: the store has no
+            level below its API to edit, and the tests that need it skip.
     """
 
     name: str
@@ -39,6 +45,14 @@ class Backend:
     ci_required: bool = True
     cross_process: bool = True
     teardown: Callable[[Any], None] | None = None
+    corrupt: Callable[[Any, str, str], None] | None = None
+
+
+#: What ``corrupt(..., "metadata")`` writes as the metadata: not JSON, and harmless to
+#: every driver (FalkorDB takes only ``[A-Za-z0-9_.:/+=-]`` in the text it is sent).
+BAD_METADATA = "not-json"
+#: The unknown status ``corrupt(..., "status")`` writes.
+BAD_STATUS = "revived"
 
 
 def all_backends() -> list[Backend]:

@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from . import Backend
+from . import BAD_METADATA, BAD_STATUS, Backend
 
 MONGODB_URL = os.environ.get("CELERY_PERSIST_TEST_MONGODB_URL", "")
 #: The URL a mongomock-backed store is opened with: only its path (the database) is used.
@@ -155,6 +155,17 @@ def drop_collections(store: Any) -> None:
     store.drop()
 
 
+def corrupt(store: Any, key_hash: str, how: str) -> None:
+    """One update_one of the record document."""
+    records, _ = store._collections()
+    update = {
+        "metadata": {"$set": {"metadata": BAD_METADATA}},
+        "status": {"$set": {"status": BAD_STATUS}},
+        "field": {"$unset": {"created_at": ""}},
+    }[how]
+    records.update_one({"_id": key_hash}, update)
+
+
 BACKENDS = [
     Backend(
         "mongomock",
@@ -163,6 +174,7 @@ BACKENDS = [
         available=_mongomock_available,
         cross_process=False,
         teardown=drop_collections,
+        corrupt=corrupt,
     ),
     Backend(
         "mongodb",
@@ -170,5 +182,6 @@ BACKENDS = [
         available=_server_available,
         ci_required=False,
         teardown=drop_collections,
+        corrupt=corrupt,
     ),
 ]

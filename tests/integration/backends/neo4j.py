@@ -22,7 +22,7 @@ import importlib
 import os
 from typing import Any
 
-from . import Backend
+from . import BAD_METADATA, BAD_STATUS, Backend
 
 NEO4J_URL = os.environ.get("CELERY_PERSIST_TEST_NEO4J_URL", "")
 FALKORDB_URL = os.environ.get("CELERY_PERSIST_TEST_FALKORDB_URL", "")
@@ -78,6 +78,15 @@ def drop_namespace(store: Any) -> None:
     store.drop()
 
 
+def corrupt(store: Any, key_hash: str, how: str) -> None:
+    """One SET on the record node, through the store's own statement plumbing (FalkorDB literals)."""
+    assignment = {"metadata": "n.meta = $value", "status": "n.status = $value", "field": "n.created_at = null"}[how]
+    value = {"metadata": BAD_METADATA, "status": BAD_STATUS}.get(how, "")
+    statement = f"MATCH (n:Suspension {{ns: $ns, key_hash: $key}}) SET {assignment}"
+    with store._transaction(write=True) as tx:
+        store._run(tx, statement, {"ns": store._prefix, "key": key_hash, "value": value})
+
+
 BACKENDS = [
     Backend(
         "neo4j-falkordb",
@@ -85,6 +94,7 @@ BACKENDS = [
         options={"chunk_size": FALKORDB_CHUNK_SIZE},
         available=_falkordb_available,
         teardown=drop_namespace,
+        corrupt=corrupt,
     ),
     Backend(
         "neo4j",
@@ -92,5 +102,6 @@ BACKENDS = [
         available=_neo4j_available,
         ci_required=False,
         teardown=drop_namespace,
+        corrupt=corrupt,
     ),
 ]

@@ -14,7 +14,7 @@ from typing import Any
 
 from celery_persist.stores import mask_url
 
-from . import Backend
+from . import BAD_METADATA, BAD_STATUS, Backend
 
 URL_ENV = "CELERY_PERSIST_TEST_REDIS_URL"
 DEFAULT_URL = "redis://127.0.0.1:6379/15"
@@ -52,4 +52,18 @@ def drop_prefix(store: Any) -> None:
         client.delete(*keys[i : i + 500])
 
 
-BACKENDS = [Backend("redis", url=redis_url, available=redis_unavailable, ci_required=True, teardown=drop_prefix)]
+def corrupt(store: Any, key_hash: str, how: str) -> None:
+    """Edit the record's hash directly (its index entries stay as they were)."""
+    client = store._connection().client
+    key = "{" + store.prefix + "}:r:" + key_hash
+    if how == "metadata":
+        client.hset(key, "meta", BAD_METADATA)
+    elif how == "status":
+        client.hset(key, "status", BAD_STATUS)
+    else:
+        client.hdel(key, "created_at")
+
+
+BACKENDS = [
+    Backend("redis", url=redis_url, available=redis_unavailable, ci_required=True, teardown=drop_prefix, corrupt=corrupt),
+]

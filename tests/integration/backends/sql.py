@@ -17,9 +17,10 @@ import socket
 import tempfile
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import make_url
 
-from . import Backend
+from . import BAD_METADATA, BAD_STATUS, Backend
 
 POSTGRES_URL = os.environ.get("CELERY_PERSIST_TEST_POSTGRES_URL", "postgresql://127.0.0.1/test")
 MARIADB_URL = os.environ.get("CELERY_PERSIST_TEST_MARIADB_URL", "mysql://root@127.0.0.1:3306/test")
@@ -84,18 +85,32 @@ def drop_tables(store: Any) -> None:
     store.drop()
 
 
+def corrupt(store: Any, key_hash: str, how: str) -> None:
+    """One UPDATE of the record row. Every column is NOT NULL or typed, so ``field`` stores
+    text in ``created_at`` where SQLite's dynamic typing keeps it, and an unknown kind elsewhere."""
+    t = store.table
+    with store._connect(write=True) as conn:
+        if how == "field" and store.dialect == "sqlite":
+            conn.execute(sa.text(f"UPDATE {t.name} SET created_at = 'soon' WHERE key_hash = :k"), {"k": key_hash})
+            return
+        values = {"metadata": {"metadata": BAD_METADATA}, "status": {"status": BAD_STATUS}, "field": {"kind": "gadget"}}[how]
+        conn.execute(sa.update(t).where(t.c.key_hash == key_hash).values(**values))
+
+
 BACKENDS = [
-    Backend("sqlite", url=sqlite_url, teardown=drop_tables),
+    Backend("sqlite", url=sqlite_url, teardown=drop_tables, corrupt=corrupt),
     Backend(
         "postgres",
         url=lambda: POSTGRES_URL,
         available=lambda: _reachable(POSTGRES_URL, 5432, "psycopg"),
         teardown=drop_tables,
+        corrupt=corrupt,
     ),
     Backend(
         "mariadb",
         url=mariadb_url,
         available=lambda: _reachable(MARIADB_URL, 3306, "pymysql"),
         teardown=drop_tables,
+        corrupt=corrupt,
     ),
 ]
