@@ -88,7 +88,8 @@ def _say(msg: str) -> None:
 
 def _start_worker(base: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, DIR_ENV: str(base)}
-    log = open(base / "worker.log", "ab")  # noqa: SIM115 - closed with the process
+    # Private like the rest of the demo's files (a worker log names task ids and prompts).
+    log = os.fdopen(os.open(base / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
     return subprocess.Popen(
         [
             sys.executable,
