@@ -38,7 +38,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .celery_bench import _Worker
 
 REPO = Path(__file__).resolve().parents[1]
 REDIS_URL = "redis://127.0.0.1:6379/12"
@@ -93,15 +94,20 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-class Worker:
-    """``celery -A benchmarks.memory_app worker -P prefork -c 2`` in its own process group."""
+class Worker(_Worker):
+    """``celery -A benchmarks.memory_app worker -P prefork -c 2`` in its own process group
+    (stopping and log tail as for the Celery benchmark's worker)."""
 
     def __init__(
         self, env: dict[str, str], logfile: Path, name: str, max_tasks_per_child: int | None = None, library: Path | None = None
     ) -> None:
-        self.env, self.logfile, self.name, self.max_tasks = env, logfile, name, max_tasks_per_child
+        super().__init__(env, logfile, name)
+        self.max_tasks = max_tasks_per_child
         self.library = library
-        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def logfile(self) -> Path:
+        return self.log
 
     def start(self) -> None:
         env = {**os.environ, **self.env}
@@ -116,7 +122,7 @@ class Worker:
         ]  # fmt: skip
         if self.max_tasks:
             cmd += ["--max-tasks-per-child", str(self.max_tasks)]
-        with self.logfile.open("ab") as out:
+        with self.log.open("ab") as out:
             cwd = self.library or REPO
             self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -124,31 +130,6 @@ class Worker:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=20)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # pool children left behind, if any
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-# -- one run ------------------------------------------------------------------------------------
 
 
 @dataclass
