@@ -89,6 +89,23 @@ def _env_for(ns: str, store_url: str, prefix: str, keys: str, redis_url: str) ->
     }
 
 
+def drop_namespace(r: Any, ns: str) -> None:
+    """Delete this run's Redis keys (broker and backend keys carry the namespace prefix); best effort."""
+    with contextlib.suppress(Exception):
+        doomed = list(r.scan_iter(match=f"{ns}:*", count=1000))
+        for i in range(0, len(doomed), 500):
+            r.delete(*doomed[i : i + 500])
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put back the environment variables a run changed (None: it was unset)."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 class _Worker:
     """``celery worker`` in its own process group, stopped warm then killed by group id."""
 
@@ -296,16 +313,9 @@ def _measure_store(
                 drop()
             persist.hub.store.close()
         # Only this run's keys: broker and backend keys carry the namespace prefix.
-        with contextlib.suppress(Exception):
-            doomed = list(r.scan_iter(match=f"{ns}:*", count=1000))
-            for i in range(0, len(doomed), 500):
-                r.delete(*doomed[i : i + 500])
+        drop_namespace(r, ns)
         r.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_env(saved)
     return res
 
 

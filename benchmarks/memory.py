@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .celery_bench import _Worker
+from .celery_bench import _Worker, drop_namespace, restore_env
 
 REPO = Path(__file__).resolve().parents[1]
 REDIS_URL = "redis://127.0.0.1:6379/12"
@@ -297,16 +297,9 @@ def run_one(
             app.close()
         with contextlib.suppress(Exception):
             persist.hub.store.close()
-        with contextlib.suppress(Exception):
-            doomed = list(r.scan_iter(match=f"{ns}:*", count=1000))
-            for i in range(0, len(doomed), 500):
-                r.delete(*doomed[i : i + 500])
+        drop_namespace(r, ns)
         r.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_env(saved)
     return res
 
 
