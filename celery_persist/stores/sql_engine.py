@@ -33,7 +33,7 @@ __all__ = ["SQLTarget"]
 # (module, extra) for the drivers we choose by default or know by name.
 _DRIVERS: dict[str, tuple[str, str]] = {
     "psycopg": ("psycopg", "postgres"),
-    "psycopg2": ("psycopg2", "postgres2"),
+    "psycopg2": ("psycopg2", "psycopg2"),
     "pymysql": ("pymysql", "mysql"),
 }
 

@@ -115,7 +115,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("flow", "handlers"),
     ("task", "tasks"),
     ("persist",),
-    ("cli", "demo", "demo_app"),
+    ("cli", "demo", "demo_app", "testing"),
 )
 
 
