@@ -6,8 +6,14 @@ works on a store alone: list, show, stats, cleanup --dry-run, rotate-keys,
 and ``demo``. Keys and secrets come from the environment, as for workers.
 
 Exit codes follow Celery's (``os.EX_*``): 0 ok, 1 refused (already resumed,
-expired, cancelled), 64 usage, 65 malformed or forged key / bad input,
-66 unknown suspension, 69 store unavailable, 78 configuration error.
+expired, cancelled), 2 usage (click's), 65 malformed or forged key / bad input,
+66 unknown suspension, 69 store unavailable, 78 configuration error (a bad
+setting, or no key that opens the store's encrypted records).
+
+``show`` and ``cancel`` take a suspension key, or the fingerprint ``list``
+prints (any unique prefix of the key hash, at least :data:`MIN_PREFIX` hex
+characters): an operator with the store and its keys needs no key to inspect
+or cancel. ``resume`` always needs the key: it is the capability.
 
 ``--json`` output is stable: one JSON document per command; the fields
 documented in the README only grow, never change meaning.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,6 +40,7 @@ from .crypto import Keyring, new_key_line
 from .errors import (
     AlreadyResumed,
     ConfigurationError,
+    EncryptionError,
     InvalidKey,
     PersistenceError,
     StoreUnavailable,
@@ -43,6 +51,7 @@ from .errors import (
 from .hub import PersistenceHub, Suspension
 from .registry import Binding, binding_of
 from .stores import open_store
+from .stores.base import Kind
 
 __all__ = ["persist", "main"]
 
@@ -51,9 +60,18 @@ _EXIT = (
     (SuspensionNotFound, os.EX_NOINPUT),
     ((AlreadyResumed, SuspensionExpired, SuspensionCancelled), 1),
     (StoreUnavailable, os.EX_UNAVAILABLE),
-    (ConfigurationError, os.EX_CONFIG),
+    # The keys here cannot open a record (none configured, most often): configuration, like a
+    # missing key under persist_encryption="required". A record tampered with fails its seal
+    # check (IntegrityError) before its blob is ever opened, so it does not land here.
+    ((ConfigurationError, EncryptionError), os.EX_CONFIG),
     (PersistenceError, 1),
 )
+
+#: The fewest hex characters of a fingerprint ``show`` and ``cancel`` accept (``list`` prints 12).
+MIN_PREFIX = 6
+_HEX = re.compile(r"[0-9a-fA-F]+")
+#: How many matches an ambiguous fingerprint lists.
+_SHOWN_MATCHES = 10
 
 
 class _Ops:
@@ -77,6 +95,8 @@ def _errors() -> Iterator[None]:
         for cls, code in _EXIT:
             if isinstance(exc, cls):
                 click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
+                if isinstance(exc, EncryptionError):
+                    click.echo("hint: set CELERY_PERSIST_KEYS (or persist_keys) to the keys the workers use", err=True)
                 sys.exit(code)
         raise
 
@@ -102,15 +122,22 @@ def _echo_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
-def _read_input(input_json: str | None, input_file: str | None) -> Any:
-    if input_json is not None and input_file is not None:
-        raise click.UsageError("give --input or --input-file, not both")
+def _read_input(input_json: str | None, input_file: str | None, null: bool) -> Any:
+    given = [name for name, value in (("--input", input_json), ("--input-file", input_file)) if value is not None]
+    if null:
+        given.append("--null")
+    if not given:
+        # A forgotten input must not resume the flow with None: the flow would go on with it, once.
+        raise click.UsageError("give the resume input: --input JSON, --input-file F, or --null to resume with null")
+    if len(given) > 1:
+        raise click.UsageError(f"give one of --input, --input-file and --null, not {' and '.join(given)}")
+    if null:
+        return None
     text = input_json
     if input_file is not None:
         with click.open_file(input_file) as fh:
             text = fh.read()
-    if text is None:
-        return None
+    assert text is not None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -118,11 +145,80 @@ def _read_input(input_json: str | None, input_file: str | None) -> Any:
         sys.exit(os.EX_DATAERR)
 
 
+def _fingerprint_of(ref: str) -> str | None:
+    """``ref`` lowercased when it is a fingerprint (hex: a key never is, it starts with ``p1.``), else None."""
+    if not _HEX.fullmatch(ref):
+        return None
+    if len(ref) < MIN_PREFIX or len(ref) > 64:
+        raise click.BadParameter(
+            f"a fingerprint needs {MIN_PREFIX} to 64 hex characters (list prints 12); a key starts with p1.", param_hint="KEY"
+        )
+    return ref.lower()
+
+
+def _key_hash(hub: PersistenceHub, prefix: str) -> str:
+    """The key hash of the one suspension whose hash starts with ``prefix``.
+
+    Stores list in key-hash order strictly after a cursor, so a scan from the
+    prefix itself starts at the first hash that extends it: a lookup reads the
+    matches and one row more, not the whole store.
+
+    Raises:
+        SuspensionNotFound: Nothing matches.
+        click.UsageError: More than one suspension matches (they are listed).
+    """
+    if len(prefix) == 64:
+        matches = [prefix] if hub.peek(prefix) is not None else []
+    else:
+        matches = []
+        cursor: str | None = prefix
+        while cursor is not None and len(matches) <= _SHOWN_MATCHES:
+            page = hub.store.scan(kind=Kind.SUSPENSION, limit=_SHOWN_MATCHES + 1, cursor=cursor)
+            ended = False
+            for rec in page.items:
+                if not rec.key_hash.startswith(prefix):
+                    ended = True
+                    break
+                if rec.poisoned is None:
+                    matches.append(rec.key_hash)
+            cursor = None if ended else page.next_cursor
+    if not matches:
+        raise SuspensionNotFound(f"no suspension has a fingerprint starting with {prefix}", store=hub.store.name)
+    if len(matches) > 1:
+        width = max(12, len(prefix) + 1)
+        shown = ", ".join(h[:width] for h in matches[:_SHOWN_MATCHES])
+        more = ", ..." if len(matches) > _SHOWN_MATCHES else ""
+        raise click.UsageError(f"the fingerprint {prefix} is ambiguous; it matches {shown}{more}: give more characters")
+    return matches[0]
+
+
+def _task_checkpoints(hub: PersistenceHub, *, batch: int = 1000) -> int:
+    """How many checkpoint records hold a task's checkpoint.
+
+    ``hub.stats()`` counts every record that is not a suspension; most of them
+    are celery-persist's own bookkeeping (park journals, dispatch records, the
+    inputs journal of a task that never checkpointed). A task's checkpoint is
+    the journal that ``PersistentTask.checkpoint`` wrote, and that write
+    (:func:`celery_persist.journal.save_state`) stamps ``checkpoint_at`` on its
+    clear metadata, which later writes keep.
+    """
+    count = 0
+    cursor: str | None = None
+    while True:
+        page = hub.store.scan(kind=Kind.CHECKPOINT, limit=batch, cursor=cursor)
+        count += sum(1 for rec in page.items if rec.poisoned is None and "checkpoint_at" in rec.metadata)
+        cursor = page.next_cursor
+        if cursor is None:
+            return count
+
+
 # -- commands shared by both entry points ----------------------------------------------------------
 
 
 @click.command("list")
-@click.option("--status", type=click.Choice(["suspended", "claimed", "resumed", "cancelled", "expired"]))
+@click.option(
+    "--status", type=click.Choice(["suspended", "claimed", "resumed", "cancelled", "expired"]), help="Only suspensions in this status."
+)
 @click.option("--older-than", type=float, metavar="SECONDS", help="Only suspensions created more than SECONDS ago.")
 @click.option("--limit", type=int, default=1000, show_default=True, help="Stop after this many rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
@@ -159,13 +255,27 @@ def list_cmd(ops: _Ops, status: str | None, older_than: float | None, limit: int
 
 @click.command("show")
 @click.argument("key")
-@click.option("--reveal-state", is_flag=True, help="Also print the (decrypted) state.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--reveal-state", is_flag=True, help="Also print the (decrypted) state; needs the key, not a fingerprint.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def show_cmd(ops: _Ops, key: str, reveal_state: bool, as_json: bool) -> None:
-    """Show one suspension: status, prompt, times, task and chain, last checkpoint."""
+    """Show one suspension: status, prompt, times, task and chain, last checkpoint.
+
+    KEY is the suspension key, or its fingerprint as `list` prints it (any
+    unique prefix of at least 6 hex characters).
+    """
+    prefix = _fingerprint_of(key)
+    if prefix is not None and reveal_state:
+        raise click.UsageError("--reveal-state needs the suspension key; a fingerprint shows everything but the state")
     with _errors():
-        s = ops.hub.load(key)
+        if prefix is None:
+            s = ops.hub.load(key)
+        else:
+            kh = _key_hash(ops.hub, prefix)
+            found = ops.hub.peek(kh)
+            if found is None:  # gone since the lookup
+                raise SuspensionNotFound("no suspension is stored under this key hash", key=kh[:12], store=ops.hub.store.name)
+            s = found
     doc = _summary(s)
     md = s.metadata
     doc["root_id"] = md.get("root_id")
@@ -191,9 +301,20 @@ def show_cmd(ops: _Ops, key: str, reveal_state: bool, as_json: bool) -> None:
 @click.argument("key")
 @click.pass_obj
 def cancel_cmd(ops: _Ops, key: str) -> None:
-    """Cancel a suspension (its parked task becomes REVOKED)."""
+    """Cancel a suspension (its parked task becomes REVOKED).
+
+    KEY is the suspension key, or its fingerprint as `list` prints it (any
+    unique prefix of at least 6 hex characters); cancelling by fingerprint
+    needs the keys the workers use.
+    """
+    prefix = _fingerprint_of(key)
     with _errors():
-        s = flow.cancel(ops.binding, key) if ops.binding else ops.hub.cancel(key)
+        if prefix is None:
+            s = flow.cancel(ops.binding, key) if ops.binding else ops.hub.cancel(key)
+        else:
+            s = ops.hub.cancel_by_hash(_key_hash(ops.hub, prefix))
+            if ops.binding:
+                flow.revoke_flow(ops.binding, s)
     click.echo(f"cancelled suspension {s.fingerprint}")
 
 
@@ -221,12 +342,16 @@ def cleanup_cmd(ops: _Ops, dry_run: bool) -> None:
 
 
 @click.command("stats")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def stats_cmd(ops: _Ops, as_json: bool) -> None:
-    """Counts by status, oldest suspension, store health."""
+    """Counts by status, task checkpoints, oldest suspension, store health."""
     with _errors():
         doc = ops.hub.stats()
+        # hub.stats() counts every non-suspension record; shown as checkpoints are the tasks' own.
+        records = doc["checkpoints"]
+        doc["checkpoints"] = _task_checkpoints(ops.hub)
+        doc["internal"] = max(0, records - doc["checkpoints"])
     doc["health"] = ops.hub.health()
     if as_json:
         _echo_json(doc)
@@ -234,6 +359,7 @@ def stats_cmd(ops: _Ops, as_json: bool) -> None:
     for status, count in sorted(doc["suspensions"].items()):
         click.echo(f"{status + ':':<14} {count}")
     click.echo(f"{'checkpoints:':<14} {doc['checkpoints']}")
+    click.echo(f"{'internal:':<14} {doc['internal']} (park journals, dispatch records)")
     age = doc["oldest_suspended_age"]
     click.echo(f"{'oldest:':<14} {'-' if age is None else f'{age:.0f} s'}")
     health = doc["health"]
@@ -246,7 +372,7 @@ def stats_cmd(ops: _Ops, as_json: bool) -> None:
 
 
 @click.command("rotate-keys")
-@click.option("--batch", type=int, default=200, show_default=True)
+@click.option("--batch", type=int, default=200, show_default=True, help="Records read and re-encrypted per store round trip.")
 @click.option(
     "--adopt-unsealed",
     is_flag=True,
@@ -258,7 +384,8 @@ def rotate_keys_cmd(ops: _Ops, batch: int, adopt_unsealed: bool) -> None:
     with _errors():
         if adopt_unsealed:
             click.echo(f"adopted={ops.hub.adopt_unsealed(batch=batch)}")
-        total = sum(ops.hub.stats()["suspensions"].values()) + ops.hub.stats()["checkpoints"]
+        stats = ops.hub.stats()
+        total = sum(stats["suspensions"].values()) + stats["checkpoints"] + stats["unreadable"]
         with click.progressbar(length=total, label="re-encrypting", file=sys.stderr) as bar:
             counts = ops.hub.rotate_keys(batch=batch, on_record=lambda _: bar.update(1))
     click.echo(" ".join(f"{k}={v}" for k, v in counts.items()))
@@ -305,10 +432,16 @@ def persist(ctx: click.Context) -> None:
 @click.argument("key")
 @click.option("--input", "input_json", metavar="JSON", help="The resume input, as JSON.")
 @click.option("--input-file", type=click.Path(dir_okay=False, allow_dash=True), help="Read the JSON input from a file (- for stdin).")
+@click.option("--null", "null", is_flag=True, help="Resume with null as the input.")
 @click.pass_obj
-def resume_cmd(ops: _Ops, key: str, input_json: str | None, input_file: str | None) -> None:
-    """Resume a parked flow with an input."""
-    value = _read_input(input_json, input_file)
+def resume_cmd(ops: _Ops, key: str, input_json: str | None, input_file: str | None, null: bool) -> None:
+    """Resume a parked flow with an input: one of --input, --input-file or --null.
+
+    KEY must be the suspension key: a fingerprint does not resume.
+    """
+    if _HEX.fullmatch(key):
+        raise click.UsageError("resume needs the suspension key itself; a fingerprint names a suspension but cannot resume it")
+    value = _read_input(input_json, input_file, null)
     assert ops.binding is not None
     with _errors():
         result = flow.resume(ops.binding, key, value)
@@ -395,7 +528,14 @@ def keygen_cmd(kid: str | None) -> None:
 
 
 @main.command("demo")
-@click.option("--dir", "directory", type=click.Path(file_okay=False), default=".celery-persist-demo", show_default=True)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    default=".celery-persist-demo",
+    show_default=True,
+    help="Directory for the demo's store, key file and worker log.",
+)
 def demo_cmd(directory: str) -> None:
     """Park an approval flow, restart the worker, resume it: no server needed."""
     # The demo runs in its own interpreter: its module builds a Celery app and

@@ -3,9 +3,15 @@
 Each setting has a name, a default, a parser and a one-line doc in
 :data:`SETTINGS`; :class:`PersistConfig` takes its field defaults from there,
 and ``scripts/settings-table`` generates the README's settings table from it.
-``Persist(app, **overrides)`` registers the defaults with ``app.add_defaults``
-and freezes the values into a :class:`PersistConfig`; no other module reads
-``app.conf``. Secrets come from the environment (``CELERY_PERSIST_KEYS``,
+``Persist(app, **overrides)`` freezes the values into a :class:`PersistConfig`
+once the app is configured (see :mod:`celery_persist.registry`); no other
+module reads ``app.conf``. The defaults are not registered with
+``app.add_defaults``: Celery puts added defaults in front of the
+configuration loaded by ``config_from_object()``, so they would shadow it.
+Lookups go through ``app.conf.get``, which honours a ``namespace``
+(``CELERY_PERSIST_STORE_URL`` in Django settings with ``namespace="CELERY"``).
+The store URL falls back to the ``CELERY_PERSIST_STORE_URL`` environment
+variable when no setting names it (the CLI and the examples read the same). Secrets come from the environment (``CELERY_PERSIST_KEYS``,
 ``CELERY_PERSIST_SIGNING_SECRET``, through :func:`~celery_persist.crypto.secrets_from_env`)
 unless set explicitly, and are read only when the config is built.
 """
@@ -18,15 +24,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .crypto import ENCRYPTION_MODES, Keyring, local_keyring, secrets_from_env
+from .crypto import ENCRYPTION_MODES, Keyring, choose_sealer, local_keyring, secrets_from_env
 from .errors import ConfigurationError
 from .serializer import DEFAULT_MAX_STATE_SIZE
 from .stores import mask_url
 from .stores.drivers import mask_options
 
-__all__ = ["Setting", "SETTINGS", "PersistConfig", "DEFAULT_STORE_URL", "embedded_key_file", "embedded_keyring"]
+__all__ = ["Setting", "SETTINGS", "PersistConfig", "DEFAULT_STORE_URL", "STORE_URL_ENV", "embedded_key_file", "embedded_keyring"]
 
 DEFAULT_STORE_URL = "sqlite:///celery-persist.db"
+#: The environment variable naming the store when no setting does (``Persist(app)``, the CLI, the examples).
+STORE_URL_ENV = "CELERY_PERSIST_STORE_URL"
 
 
 def _int(v: Any) -> int:
@@ -41,10 +49,16 @@ def _float(v: Any) -> float:
     return float(v)
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
 def _bool(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)
+    if isinstance(v, bool) or v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+        return v.strip().lower() in _TRUE
+    raise ConfigurationError(f"must be true or false, not {v!r}")
 
 
 def _str(v: Any) -> str:
@@ -86,7 +100,7 @@ class Setting:
 
     Attributes:
         name: The full lowercase name, as in ``app.conf``.
-        default: The raw default registered with ``app.add_defaults``.
+        default: The raw default, used when neither ``app.conf`` nor an override names the setting.
         parse: Turns a raw value (default, ``app.conf`` or override) into the
             :class:`PersistConfig` field's value; raises ``ConfigurationError``,
             ``TypeError`` or ``ValueError`` when it cannot.
@@ -191,7 +205,7 @@ class PersistConfig:
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        """``{setting name: default}`` for ``app.add_defaults``."""
+        """``{setting name: raw default}``."""
         return {s.name: s.default for s in SETTINGS}
 
     @classmethod
@@ -199,8 +213,9 @@ class PersistConfig:
         """Build from app.conf-like mapping; ``overrides`` use short or full names."""
         values: dict[str, Any] = {}
         for setting in SETTINGS:
-            raw = conf.get(setting.name, setting.default)
-            values[setting.name] = raw
+            values[setting.name] = conf.get(setting.name, setting.default)
+        if conf.get("persist_store_url") is None:
+            values["persist_store_url"] = os.environ.get(STORE_URL_ENV) or DEFAULT_STORE_URL
         for name, raw in overrides.items():
             full = name if name.startswith("persist_") else f"persist_{name}"
             if full not in _BY_NAME:
@@ -235,6 +250,21 @@ class PersistConfig:
         if self.keys:
             return Keyring.parse(self.keys)
         return embedded_keyring(self.store_url, create=True)
+
+    def check_keys(self) -> None:
+        """Fail now, without touching a store or a file, where the hub would refuse to start for want of a key.
+
+        Raises:
+            ConfigurationError: ``encryption="required"``, no key configured
+                (setting or environment), and a store that cannot keep its own key.
+        """
+        if self.encryption != "required" or self.keys:
+            return
+        if embedded_key_file(self.store_url) is not None or self.store_url.startswith("memory:"):
+            return
+        if self.store_url in ("sqlite://", "sqlite:///:memory:"):
+            return
+        choose_sealer(self.encryption, None, self.signing_secret, environ={})  # raises, naming `celery-persist keygen`
 
     def __repr__(self) -> str:
         # The dataclass repr, but with the store URL masked: it may hold a password.

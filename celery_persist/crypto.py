@@ -84,6 +84,16 @@ def derive(secret: str | bytes, purpose: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"celery-persist/" + purpose).derive(raw)
 
 
+def _refuse_quoted(text: str) -> None:
+    """Refuse key material holding quote characters: no key id or base64 key has one, so the value was quoted."""
+    if "'" in text or '"' in text:
+        raise ConfigurationError(
+            "the encryption key value is quoted: it holds quote characters, which no key id or base64 key has. "
+            "Set CELERY_PERSIST_KEYS / CELERY_PERSIST_KEY / persist_keys without quotes "
+            "(an env file read by `docker run --env-file` keeps quotes as part of the value)"
+        )
+
+
 def _decode_key(kid: str, text: str) -> bytes:
     try:
         raw = base64.b64decode(text.strip(), altchars=b"-_" if ("-" in text or "_" in text) else None, validate=True)
@@ -153,12 +163,14 @@ class Keyring:
         if secrets.keys:
             return cls.parse(secrets.keys)
         if secrets.key:
+            _refuse_quoted(secrets.key)
             return cls([("default", _decode_key("default", secrets.key))])
         return None
 
     @classmethod
     def parse(cls, spec: str) -> Keyring:
         """Parse ``kid1:base64key,kid2:base64key`` (the ``CELERY_PERSIST_KEYS`` form)."""
+        _refuse_quoted(spec)
         pairs = []
         for item in spec.split(","):
             item = item.strip()

@@ -796,8 +796,26 @@ class PersistenceHub:
         """
         key = self.unwrap_key(key)
         fp = self._check_key(key, "cancel")
+        return self._cancel(self._get(key, fp, "cancel"), key, fp)
+
+    def cancel_by_hash(self, kh: str) -> Suspension:
+        """:meth:`cancel` for an operator who has the store and its keys but not the suspension's key.
+
+        ``kh`` is the full key hash (what :meth:`list` shows the start of as the
+        fingerprint). The record's seal and state must still authenticate with
+        this hub's keys, so a store reader without them cannot cancel anything
+        this way. Same outcomes and errors as :meth:`cancel`, but the result's
+        ``key`` is None; the audit record says ``via=key-hash``.
+        """
+        fp = kh[:12]
+        rec = self.store.get(kh)
+        if rec is None or rec.kind is not Kind.SUSPENSION:
+            self._audit("cancel", fp, "denied:SuspensionNotFound", via="key-hash")
+            raise SuspensionNotFound("no suspension is stored under this key hash", key=fp, store=self.store.name)
+        return self._cancel(self._verify(rec, fp), None, fp, via="key-hash")
+
+    def _cancel(self, rec: StoredRecord, key: str | None, fp: str, **audit: str) -> Suspension:
         now = self.clock()
-        rec = self._get(key, fp, "cancel")
         state = self._open_record(rec, fp)  # a record that does not authenticate is not acted on
         if rec.status is not Status.CANCELLED:
             self._refuse(rec, fp, now, "cancel")
@@ -805,7 +823,7 @@ class PersistenceHub:
                 latest = self.store.get(rec.key_hash)
                 if latest is None or self._verify(latest, fp).status is not Status.CANCELLED:
                     self._lost_race(rec.key_hash, fp, now, "cancel")
-            self._audit("cancel", fp, "ok")
+            self._audit("cancel", fp, "ok", **audit)
         return self._view(rec.replace(status=Status.CANCELLED), key, state=state)
 
     def list(self, status: str | None = None, limit: int = 100, cursor: str | None = None) -> Page:

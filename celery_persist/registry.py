@@ -7,7 +7,8 @@ its store. :func:`bind` creates one per app (``Persist(app)`` calls it; so does
 called ``Persist(app)``) and keeps it in a weak map, so the app object stays as
 Celery made it.
 
-Binding an app registers the ``persist_*`` defaults with ``app.add_defaults``,
+Binding an app reads nothing until the app is configured (see
+:class:`Binding`). Then it reads and validates the ``persist_*`` settings,
 adds the cleanup entry to ``beat_schedule``, and masks the store URL in
 ``app.conf`` when it carries a password: Celery's ``inspect conf`` and
 ``celery report`` censor only names that look secret (KEY, SECRET, PASS...),
@@ -22,9 +23,10 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from .config import PersistConfig
+from .config import SETTINGS, PersistConfig
 from .hub import PersistenceHub
 from .metrics import PrometheusMetrics
 from .serializer import StateSerializer
@@ -49,47 +51,86 @@ _metrics: PrometheusMetrics | None = None
 class Binding:
     """celery-persist's settings, store and hub for one Celery app.
 
+    Nothing is read when a binding is made: Celery apps are configured
+    lazily, and reading ``app.conf`` early would freeze the configuration
+    before ``config_from_object()`` (Django's ``namespace="CELERY"`` included)
+    has had its say. The settings are read when the app is configured
+    (Celery's ``on_after_configure``), or at first use, whichever comes
+    first; a later reconfiguration reads them again, as long as the store
+    has not been opened yet.
+
     Attributes:
         app: The Celery app.
-        config: Its frozen ``persist_*`` settings.
-        hub: The hub over its store (use :meth:`ready` to have the store set up).
+        overrides: Settings given to ``Persist(app, **overrides)``; they win over ``app.conf``.
     """
 
-    def __init__(self, app: Celery, config: PersistConfig, hub: PersistenceHub) -> None:
+    def __init__(self, app: Celery, **overrides: Any) -> None:
         self.app = app
-        self.config = config
-        self.hub = hub
+        self.overrides = dict(overrides)
+        self._config: PersistConfig | None = None
+        self._hub: PersistenceHub | None = None
         self._store_ready = False
-        self._setup_lock = threading.Lock()
+        self._setup_lock = threading.RLock()
+        # Bad values set so far are refused here, not at first use, without configuring the app:
+        # before configuration, app.conf.changes holds what was set directly on app.conf, and
+        # both `in` and setdefault (of a name that is there) read it without finalizing.
+        pending: dict[str, Any] = {}
+        if not app.configured:
+            changes = getattr(app.conf, "changes", {})
+            pending = {s.name: changes.setdefault(s.name) for s in SETTINGS if s.name in changes}
+        PersistConfig.from_mapping(pending, **self.overrides)
 
-    @classmethod
-    def from_app(cls, app: Celery, **overrides: Any) -> Binding:
-        """Read ``app.conf`` (``overrides`` win), open the store, build the hub."""
-        app.add_defaults(PersistConfig.defaults())
-        cfg = PersistConfig.from_app(app, **overrides)
-        masked = mask_url(cfg.store_url)
-        if masked != cfg.store_url and app.conf.get("persist_store_url") == cfg.store_url:
-            app.conf["persist_store_url"] = masked
-        keyring = cfg.keyring()
-        serializer = StateSerializer(cfg.codec, cfg.compression, cfg.compression_threshold, max_size=cfg.max_state_size)
-        store = open_store(cfg.store_url, **dict(cfg.store_options))
-        hub = PersistenceHub(
-            store,
-            keyring=keyring,
-            serializer=serializer,
-            signing_secret=cfg.signing_secret,
-            encryption=cfg.encryption,
-            lease=cfg.lease,
-            retention=cfg.retention,
-            max_state_size=cfg.max_state_size,
-        )
-        if cfg.metrics:
-            _shared_metrics().attach(hub)
-        if cfg.cleanup_interval:
-            schedule = dict(app.conf.beat_schedule or {})
-            schedule.setdefault(BEAT_ENTRY, {"task": CLEANUP_TASK, "schedule": float(cfg.cleanup_interval)})
-            app.conf.beat_schedule = schedule
-        return cls(app, cfg, hub)
+    @property
+    def config(self) -> PersistConfig:
+        """The app's frozen ``persist_*`` settings (reads ``app.conf`` on first access)."""
+        config = self._config
+        if config is None:
+            with self._setup_lock:
+                if self._config is None:
+                    # Touching app.conf configures the app, which calls configured() below.
+                    self.app.conf  # noqa: B018
+                    if self._config is None:
+                        self.configured()
+                config = self._config
+                assert config is not None
+        return config
+
+    @property
+    def hub(self) -> PersistenceHub:
+        """The hub over the app's store (opened on first access; :meth:`ready` also sets it up)."""
+        hub = self._hub
+        if hub is None:
+            with self._setup_lock:
+                if self._hub is None:
+                    self._hub = _open_hub(self.config)
+                hub = self._hub
+        return hub
+
+    def configured(self) -> None:
+        """Read the settings from the (now configured) app: validate them, add the beat entry, mask the URL.
+
+        Called from Celery's ``on_after_configure`` signal, or at once when
+        the app was configured before ``Persist(app)``. Raises
+        :class:`~celery_persist.errors.ConfigurationError` for a bad value.
+        """
+        app = self.app
+        with self._setup_lock:
+            cfg = PersistConfig.from_app(app, **self.overrides)
+            old = self._config
+            if old is not None and cfg.store_url == mask_url(old.store_url) != old.store_url:
+                cfg = replace(cfg, store_url=old.store_url)  # app.conf holds the URL masked by the last call
+            cfg.check_keys()
+            if self._hub is not None and self._config is not None and cfg != self._config:
+                logger.warning("celery-persist: the app was reconfigured after its store was opened; the old settings stay in use")
+                return
+            self._config = cfg
+            masked = mask_url(cfg.store_url)
+            if masked != cfg.store_url and app.conf.get("persist_store_url") == cfg.store_url:
+                app.conf["persist_store_url"] = masked
+            if cfg.cleanup_interval:
+                schedule = dict(app.conf.beat_schedule or {})
+                schedule.setdefault(BEAT_ENTRY, {"task": CLEANUP_TASK, "schedule": float(cfg.cleanup_interval)})
+                app.conf.beat_schedule = schedule
 
     def ready(self) -> PersistenceHub:
         """The hub, with the store's tables/indexes created (once per process)."""
@@ -101,6 +142,32 @@ class Binding:
         return self.hub
 
 
+def _open_hub(cfg: PersistConfig) -> PersistenceHub:
+    keyring = cfg.keyring()
+    serializer = StateSerializer(cfg.codec, cfg.compression, cfg.compression_threshold, max_size=cfg.max_state_size)
+    store = open_store(cfg.store_url, **dict(cfg.store_options))
+    hub = PersistenceHub(
+        store,
+        keyring=keyring,
+        serializer=serializer,
+        signing_secret=cfg.signing_secret,
+        encryption=cfg.encryption,
+        lease=cfg.lease,
+        retention=cfg.retention,
+        max_state_size=cfg.max_state_size,
+    )
+    if cfg.metrics:
+        _shared_metrics().attach(hub)
+    return hub
+
+
+def _on_after_configure(sender: Any = None, **_: Any) -> None:
+    with lock:
+        binding = _bindings.get(sender)
+    if binding is not None:
+        binding.configured()
+
+
 def bind(app: Celery, **overrides: Any) -> Binding:
     """The binding of ``app``, created from ``app.conf`` and ``overrides`` on first call."""
     with lock:
@@ -109,9 +176,14 @@ def bind(app: Celery, **overrides: Any) -> Binding:
             if overrides:
                 logger.debug("celery-persist: app already bound; overrides ignored")
             return existing
-        binding = Binding.from_app(app, **overrides)
+        binding = Binding(app, **overrides)
         _bindings[app] = binding
-        return binding
+    if app.configured:
+        binding.configured()
+    else:
+        # weak=False: the receiver is a module function; the app's signal holds no binding.
+        app.on_after_configure.connect(_on_after_configure, sender=app, weak=False)
+    return binding
 
 
 def binding_of(app: Celery) -> Binding:

@@ -275,6 +275,21 @@ def test_cancelled(hub: PersistenceHub, store: RecordingStore, clock: FakeClock)
         hub.claim(key)
 
 
+def test_cancel_by_key_hash(hub: PersistenceHub, store: RecordingStore) -> None:
+    key = hub.suspend(STATE, metadata={"m": 1})
+    s = hub.cancel_by_hash(key_hash(key))
+    assert (s.status, s.state, s.key) == ("cancelled", STATE, None)  # the state authenticated; no key handed out
+    assert hub.cancel_by_hash(key_hash(key)).status == "cancelled"  # twice: no-op
+    with pytest.raises(SuspensionCancelled):
+        hub.resume(key)
+    with pytest.raises(SuspensionNotFound):
+        hub.cancel_by_hash("0" * 64)
+    claimed = hub.suspend(STATE)
+    hub.claim(claimed)
+    with pytest.raises(AlreadyResumed):
+        hub.cancel_by_hash(key_hash(claimed))
+
+
 def test_cancel_while_claimed(hub: PersistenceHub) -> None:
     key = hub.suspend(STATE)
     hub.claim(key)

@@ -5,13 +5,23 @@ from __future__ import annotations
 import base64
 import json
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import click
 import pytest
+from celery import Celery, signals
+from celery.exceptions import Ignore
 from click.testing import CliRunner
 
-from celery_persist import Keyring, PersistenceHub, open_store
-from celery_persist.cli import main
+from celery_persist import ConfigurationError, Keyring, PersistenceHub, open_store
+from celery_persist import journal as journal_mod
+from celery_persist.cli import MIN_PREFIX, main, persist
+from celery_persist.keys import key_hash
+from celery_persist.persist import Persist
 
 
 def _keys(*kids: str) -> str:
@@ -124,3 +134,182 @@ def test_missing_store_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("CELERY_PERSIST_STORE_URL", raising=False)
     result = CliRunner().invoke(main, ["list"])
     assert result.exit_code == 2 and "--store URL" in result.output
+
+
+# -- `celery persist` against a real app (memory broker, SQLite store in a temp dir) ----------------
+
+
+@pytest.fixture
+def sent() -> Iterator[list[dict[str, Any]]]:
+    """Every task message published while the test runs: ``{"task", "id", "args"}``."""
+    messages: list[dict[str, Any]] = []
+
+    def record(sender: Any = None, body: Any = None, headers: Any = None, **_: Any) -> None:
+        messages.append({"task": headers["task"], "id": headers["id"], "args": list(body[0])})
+
+    signals.before_task_publish.connect(record, weak=False)
+    yield messages
+    signals.before_task_publish.disconnect(record)
+
+
+def _park(app: Celery) -> tuple[Persist, str, dict[str, str]]:
+    """Park the ``await_input`` step of ``a | await_input | t.b`` as a worker would; returns its key and task ids."""
+    persist_ = Persist(app)
+    ids = {name: f"{name}-{uuid.uuid4().hex[:8]}" for name in ("parked", "b")}
+    task = app.tasks["celery_persist.await_input"]
+    task.push_request(
+        id=ids["parked"],
+        task="celery_persist.await_input",
+        root_id=ids["parked"],
+        parent_id=None,
+        group=None,
+        chain=[dict(app.signature("t.b", options={"task_id": ids["b"]}))],
+        callbacks=None,
+        errbacks=None,
+        delivery_info={},
+        hostname="worker@test",
+        called_directly=False,
+        is_eager=False,
+    )
+    try:
+        with pytest.raises(Ignore):
+            task.run(7, prompt="approve?", timeout=600)
+    finally:
+        task.pop_request()
+    wrapped = app.backend.get_task_meta(ids["parked"])["result"]["suspension_key"]
+    return persist_, persist_.hub.unwrap_key(wrapped), ids
+
+
+def app_run(app: Celery, *args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(persist, list(args), obj=SimpleNamespace(app=app), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_resume_needs_an_input_or_null(app: Celery, sent: list[dict[str, Any]]) -> None:
+    persist_, key, ids = _park(app)
+    code, _, err = app_run(app, "resume", key)
+    assert code == 2 and "--input JSON" in err and "--null" in err
+    assert app_run(app, "resume", key, "--input", "1", "--null")[0] == 2
+    assert app_run(app, "resume", key, "--input-file", "-", "--null")[0] == 2
+    assert app_run(app, "resume", key_hash(key)[:12], "--null")[0] == 2  # a fingerprint never resumes
+    assert persist_.load(key).status == "suspended" and sent == []
+    code, out, _ = app_run(app, "resume", key, "--null")
+    assert code == 0 and "resumed" in out
+    assert [(m["task"], m["args"]) for m in sent] == [("t.b", [None])]
+
+
+def test_cancel_by_fingerprint_revokes_the_parked_flow(app: Celery) -> None:
+    persist_, key, ids = _park(app)
+    fp = key_hash(key)[:12]
+    code, out, _ = app_run(app, "cancel", fp[:MIN_PREFIX])
+    assert code == 0 and f"cancelled suspension {fp}" in out
+    assert persist_.load(key).status == "cancelled"
+    for task_id in ids.values():
+        assert app.backend.get_task_meta(task_id)["status"] == "REVOKED", task_id
+
+
+def test_stats_counts_task_checkpoints_not_park_or_dispatch_journals(app: Celery) -> None:
+    persist_, key, _ = _park(app)  # a suspension and its park journal
+    assert app_run(app, "resume", key, "--input", "true")[0] == 0  # ... and a dispatch record
+    journal_mod.save_state(persist_.binding, "job-1", {"state": None, "has_state": False, "inputs": []}, {"n": 1}, {"task": "t.job"})
+    code, out, _ = app_run(app, "stats", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["suspensions"] == {"resumed": 1}
+    assert doc["checkpoints"] == 1 and doc["internal"] == 2
+    code, out, _ = app_run(app, "stats")
+    assert "checkpoints:   1\n" in out
+
+
+def test_resumer_without_the_keys_is_a_configuration_error(app: Celery, tmp_path: Path) -> None:
+    url = f"file://{tmp_path / 'records'}"  # a server-like store: no key file of its own
+    key = _hub(url, _keys("k1")).suspend({"secret": 1})
+    Persist(app, store_url=url, encryption="auto")  # no key anywhere: starts, warns once
+    code, _, err = app_run(app, "resume", key, "--input", "1")
+    assert code == os.EX_CONFIG and "no encryption key is configured" in err and "CELERY_PERSIST_KEYS" in err
+
+
+# -- the standalone command ---------------------------------------------------------------------------
+
+
+def test_show_and_cancel_take_a_fingerprint_or_its_prefix(env: dict[str, str]) -> None:
+    hub = _hub(env["url"], env["keys"])
+    key = hub.suspend({"secret": "do-not-print"}, metadata={"prompt": "p"})
+    other = hub.suspend(2)
+    fp = next(r["fingerprint"] for r in json.loads(run("list", "--json")[1]) if r["prompt"] == "p")
+    assert fp == key_hash(key)[:12]
+    for ref in (fp, fp[:MIN_PREFIX], fp.upper(), key_hash(key)):
+        code, out, _ = run("show", ref, "--json")
+        assert code == 0 and json.loads(out)["fingerprint"] == fp and json.loads(out)["prompt"] == "p", ref
+        assert "do-not-print" not in out
+    assert run("show", fp, "--reveal-state")[0] == 2  # the state needs the key
+    code, _, err = run("show", fp[: MIN_PREFIX - 1])
+    assert code == 2 and f"{MIN_PREFIX} to 64 hex characters" in err
+    unknown = next(p for p in ("000000", "ffffff", "123456") if not key_hash(key).startswith(p) and not key_hash(other).startswith(p))
+    assert run("show", unknown)[0] == os.EX_NOINPUT
+    assert run("cancel", unknown)[0] == os.EX_NOINPUT
+    code, out, _ = run("cancel", fp[:8])
+    assert code == 0 and f"cancelled suspension {fp}" in out
+    assert hub.load(key).status == "cancelled" and hub.load(other).status == "suspended"
+    assert run("cancel", fp)[0] == 0  # cancelling twice is a no-op, as by key
+
+
+def test_an_ambiguous_fingerprint_lists_the_matches(env: dict[str, str]) -> None:
+    hub = _hub(env["url"], env["keys"])
+    seen: dict[str, str] = {}
+    while True:  # two keys whose hashes share the shortest accepted prefix (~5000 tries: a birthday collision)
+        candidate = hub.new_key()
+        prefix = key_hash(candidate)[:MIN_PREFIX]
+        if prefix in seen:
+            break
+        seen[prefix] = candidate
+    first, second = seen[prefix], candidate
+    hub.suspend(1, key=first)
+    hub.suspend(2, key=second)
+    for command in ("show", "cancel"):
+        code, _, err = run(command, prefix)
+        assert code == 2 and "ambiguous" in err, command
+        assert key_hash(first)[:12] in err and key_hash(second)[:12] in err
+    assert hub.load(first).status == hub.load(second).status == "suspended"
+    assert run("cancel", key_hash(first)[:12])[0] == 0  # a longer prefix tells them apart
+    assert hub.load(first).status == "cancelled" and hub.load(second).status == "suspended"
+
+
+def test_every_option_has_a_help_text() -> None:
+    missing = []
+    for group in (main, persist):
+        assert isinstance(group, click.Group)
+        for name, command in group.commands.items():
+            for param in command.params:
+                if isinstance(param, click.Option) and not param.help:
+                    missing.append(f"{group.name} {name} {param.opts[0]}")
+    assert missing == []
+
+
+def test_missing_keys_are_a_configuration_error(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    key = _hub(env["url"], env["keys"]).suspend({"secret": 1})
+    monkeypatch.delenv("CELERY_PERSIST_KEYS")
+    for args in (("show", key), ("cancel", key), ("cancel", key_hash(key)[:12]), ("rotate-keys",)):
+        code, _, err = run(*args)
+        assert code == os.EX_CONFIG and "EncryptionError" in err and "hint: set CELERY_PERSIST_KEYS" in err, args
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CELERY_PERSIST_KEY", '"{b64}"'),
+        ("CELERY_PERSIST_KEY", "'{b64}'"),
+        ("CELERY_PERSIST_KEYS", '"k1:{b64}"'),
+        ("CELERY_PERSIST_KEYS", "k1:'{b64}'"),
+        ("CELERY_PERSIST_KEYS", "'k1':{b64}"),
+    ],
+)
+def test_a_quoted_key_says_it_is_quoted(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    b64 = base64.b64encode(os.urandom(32)).decode()
+    monkeypatch.delenv("CELERY_PERSIST_KEYS")
+    monkeypatch.setenv(name, value.format(b64=b64))
+    code, _, err = run("stats")
+    assert code == os.EX_CONFIG and "is quoted" in err and b64 not in err
+    with pytest.raises(ConfigurationError, match="is quoted"):
+        Keyring.from_env()
+    monkeypatch.setenv(name, value.format(b64=b64).replace('"', "").replace("'", ""))
+    assert Keyring.from_env() is not None  # the same value unquoted is a good key

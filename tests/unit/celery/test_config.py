@@ -12,13 +12,6 @@ from celery_persist.config import SETTINGS, PersistConfig
 from celery_persist.persist import BEAT_ENTRY, CLEANUP_TASK
 
 
-def test_every_setting_is_registered_with_its_default(app: Celery) -> None:
-    Persist(app)
-    for setting in SETTINGS:
-        assert setting.name in app.conf
-    assert app.conf.persist_codec == "json"
-
-
 def test_config_fields_and_defaults_come_from_settings() -> None:
     assert [f.name for f in fields(PersistConfig)] == [s.name.removeprefix("persist_") for s in SETTINGS]
     default = PersistConfig()

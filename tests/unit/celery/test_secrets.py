@@ -152,9 +152,16 @@ def test_key_redacting_filter_masks_keys_in_log_records(app: Celery, caplog: pyt
 def test_encryption_is_required_by_default_for_a_server_store() -> None:
     app = Celery("strict", broker="memory://", set_as_current=False)
     app.conf.persist_store_url = "redis://127.0.0.1:1/0"
+    persist = Persist(app)  # not configured yet: the settings are read at first use
     with pytest.raises(ConfigurationError, match="celery-persist keygen"):
-        Persist(app)
+        persist.ready()
     app.close()
+    configured = Celery("strict", broker="memory://", set_as_current=False)
+    configured.conf.persist_store_url = "redis://127.0.0.1:1/0"
+    assert configured.conf.broker_url  # configures the app
+    with pytest.raises(ConfigurationError, match="celery-persist keygen"):
+        Persist(configured)  # configured: refused at once, before any store is opened
+    configured.close()
 
 
 def test_the_embedded_sqlite_store_makes_its_own_private_key(app: Celery, tmp_path: Path) -> None:
