@@ -156,6 +156,23 @@ def on_unknown(sender: Any = None, message: Any = None, name: str | None = None,
         )
 
 
+class _QuietPark(logging.Filter):
+    """Drop Celery's "Task ...[id] ignored" line for a task that parked.
+
+    Parking ends the task with :class:`~celery_persist.flow.Parked` (an
+    ``Ignore``), which Celery logs at INFO; :func:`celery_persist.flow.park`
+    already logged the one line that says what happened (task id and suspension
+    fingerprint). Other ignored tasks are logged as before.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, dict) and args.get("description") == "ignored" and str(args.get("exc", "")).startswith("Parked("))
+
+
+_quiet_park = _QuietPark("celery_persist.quiet_park")
+
+
 def connect() -> None:
     """Connect the receivers (once per process)."""
     global _connected
@@ -169,4 +186,7 @@ def connect() -> None:
     signals.after_setup_logger.connect(redact_handlers, weak=False, dispatch_uid="celery_persist.redact")
     signals.after_setup_task_logger.connect(redact_handlers, weak=False, dispatch_uid="celery_persist.redact_task")
     redact_handlers()
+    trace_logger = logging.getLogger("celery.app.trace")
+    if _quiet_park not in trace_logger.filters:
+        trace_logger.addFilter(_quiet_park)
     _connected = True

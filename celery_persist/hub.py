@@ -72,6 +72,8 @@ WRAPPED_KEY_PREFIX = _WRAP_PREFIX = "p1w."
 _FIELDS_PREFIX = b"celery-persist/record-fields/v1\0"
 _WRAP_AAD = b"celery-persist/wrapped-key/v1"
 _warned_plaintext = False
+#: Audit outcomes of the normal path, logged at DEBUG; every other outcome is logged at INFO.
+_ROUTINE = frozenset({"ok", "granted"})
 
 
 #: The longest ttl accepted: a hundred years (a time past it overflows some stores' dates).
@@ -336,7 +338,9 @@ class PersistenceHub:
     # -- audit -----------------------------------------------------------------------------
 
     def _audit(self, action: str, fp: str, outcome: str, **extra: Any) -> None:
-        audit_logger.info(
+        # Successes at DEBUG (the worker's own line says what happened), refusals and failures at INFO.
+        audit_logger.log(
+            logging.DEBUG if outcome in _ROUTINE else logging.INFO,
             "%s suspension=%s store=%s outcome=%s",
             action,
             fp,
@@ -878,13 +882,16 @@ class PersistenceHub:
         on_unfinished: Callable[[Suspension, Any, str], None] | None = None,
         batch: int = 500,
         retry_after: float = 60.0,
+        handler_attempts: int = maintenance.TIMEOUT_HANDLER_ATTEMPTS,
     ) -> int:
         """Handle every record that is due; cost grows with due records only.
 
         * a suspension past ``expires_at`` becomes ``expired``, then
           ``on_expired`` gets it (with state) to apply its timeout policy; if
           that raises, the record goes back to ``suspended`` and is retried
-          after ``retry_after`` seconds;
+          after ``retry_after`` seconds, ``handler_attempts`` times in all: then
+          cleanup gives up (one ERROR, audit ``expire ... gave-up``) and the
+          record stays ``expired``, out of the due index, for inspection;
         * a claim whose lease lapsed is re-opened (``suspended``), unless its
           dispatch was recorded (:meth:`record_dispatch`): then
           ``on_unfinished(suspension, input, delivery_tag)`` sends the same continuation again
@@ -896,7 +903,15 @@ class PersistenceHub:
         Returns:
             How many records were changed or deleted.
         """
-        return maintenance.cleanup(self, now, on_expired=on_expired, on_unfinished=on_unfinished, batch=batch, retry_after=retry_after)
+        return maintenance.cleanup(
+            self,
+            now,
+            on_expired=on_expired,
+            on_unfinished=on_unfinished,
+            batch=batch,
+            retry_after=retry_after,
+            handler_attempts=handler_attempts,
+        )
 
     def rotate_keys(self, *, batch: int = 200, on_record: Callable[[str], None] | None = None) -> dict[str, int]:
         """Re-encrypt every record not sealed with the active key. Resumable; safe while workers run.

@@ -27,6 +27,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .config import SETTINGS, PersistConfig
+from .errors import ConfigurationError
 from .hub import PersistenceHub
 from .metrics import PrometheusMetrics
 from .serializer import StateSerializer
@@ -78,6 +79,7 @@ class Binding:
         if not app.configured:
             changes = getattr(app.conf, "changes", {})
             pending = {s.name: changes.setdefault(s.name) for s in SETTINGS if s.name in changes}
+            _refuse_rpc(changes.setdefault("result_backend") if "result_backend" in changes else None)
         PersistConfig.from_mapping(pending, **self.overrides)
 
     @property
@@ -115,6 +117,7 @@ class Binding:
         """
         app = self.app
         with self._setup_lock:
+            _refuse_rpc(app.conf.result_backend)
             cfg = PersistConfig.from_app(app, **self.overrides)
             old = self._config
             if old is not None and cfg.store_url == mask_url(old.store_url) != old.store_url:
@@ -140,6 +143,22 @@ class Binding:
                     self.hub.store.setup()
                     self._store_ready = True
         return self.hub
+
+
+def _refuse_rpc(backend: Any) -> None:
+    """Refuse the ``rpc://`` result backend, which cannot carry a parked flow's states.
+
+    ``rpc://`` sends a task's states as messages to the one client that sent
+    it, and only while that client listens: a step parked hours later, or
+    resumed from another process, is never seen as SUSPENDED or SUCCESS there.
+    """
+    if isinstance(backend, str) and backend.partition(":")[0].lower() == "rpc":
+        raise ConfigurationError(
+            "celery-persist cannot use the rpc:// result backend: it delivers a task's states only to the client "
+            "that sent it, while it listens, so a parked step would stay PENDING to everyone else and its "
+            "resumed result would never arrive. Use a result backend that stores states (redis://, "
+            "db+postgresql://, mongodb://, ...) alongside RabbitMQ."
+        )
 
 
 def _open_hub(cfg: PersistConfig) -> PersistenceHub:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from celery import shared_task
 
 from . import flow
-from .errors import InvalidKey
+from .errors import AlreadyResumed, InvalidKey, SuspensionCancelled, SuspensionExpired, SuspensionNotFound
 from .hub import WRAPPED_KEY_PREFIX
 from .keys import fingerprint, masked_key
 from .registry import binding_of
@@ -71,7 +71,11 @@ def await_input(
     )
 
 
-@shared_task(name="celery_persist.resume", bind=True)
+#: Refusals a resumer can expect: the worker logs each as one INFO line, not an ERROR with a traceback.
+EXPECTED_REFUSALS = (InvalidKey, SuspensionNotFound, AlreadyResumed, SuspensionExpired, SuspensionCancelled)
+
+
+@shared_task(name="celery_persist.resume", bind=True, throws=EXPECTED_REFUSALS)
 def resume(self: Task, key: str, input: Any = None) -> str:
     """Resume by name from any Celery client; returns the continuation's task id.
 

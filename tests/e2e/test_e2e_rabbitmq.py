@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from celery import chain
+from celery import Celery, chain
 
+from celery_persist import ConfigurationError, Persist
 from celery_persist.persist import SUSPENDED
-from tests.e2e.harness import Stack
+from tests.e2e.harness import RABBITMQ_URL, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -35,3 +36,20 @@ def test_park_and_resume_over_rabbitmq(make_stack: Callable[..., Stack], store: 
         assert stack.wait_recorded(f"{tag}:task", 2)[1]["checkpoint"] is None
     finally:
         stack.close()
+
+
+@pytest.mark.parametrize("configured_first", [False, True])
+def test_the_rpc_result_backend_is_refused_with_a_reason(configured_first: bool) -> None:
+    """RabbitMQ users often pick ``rpc://``; it cannot carry a parked step's states, so Persist(app) says so."""
+    app = Celery("rpc-refused", broker=RABBITMQ_URL, backend="rpc://", set_as_current=False)
+    if configured_first:
+        assert app.conf.result_backend == "rpc://"  # configures the app
+    with pytest.raises(ConfigurationError, match=r"rpc:// result backend.*PENDING"):
+        Persist(app)
+    late = Celery("rpc-late", broker=RABBITMQ_URL, set_as_current=False)
+    persist = Persist(late)
+    late.config_from_object({"result_backend": "rpc://"})
+    with pytest.raises(ConfigurationError, match="rpc://"):
+        persist.ready()
+    app.close()
+    late.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import types
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,23 @@ def test_booleans_are_strict(value: object) -> None:
     app.conf.persist_metrics = value
     with pytest.raises(ConfigurationError, match="persist_metrics"):
         Persist(app)
+
+
+def test_the_no_key_warning_is_logged_once_at_first_use_not_at_persist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import celery_persist.hub as hub_module
+
+    monkeypatch.setattr(hub_module, "_warned_plaintext", False)
+    for name in ("CELERY_PERSIST_KEYS", "CELERY_PERSIST_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    caplog.set_level(logging.WARNING)
+    app = _new_app()
+    app.conf.persist_store_url = "redis://127.0.0.1:1/0"  # a server store: it cannot keep its own key
+    app.conf.persist_encryption = "auto"
+    persist = Persist(app)  # what a module does at import time
+    assert not [r for r in caplog.records if "no encryption key" in r.getMessage()]
+    persist.hub  # noqa: B018 - first use
+    Persist(_new_app(), store_url="redis://127.0.0.1:1/1", encryption="auto").hub  # noqa: B018 - a second app, same process
+    warnings = [r for r in caplog.records if "no encryption key" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].name == "celery_persist.hub"
