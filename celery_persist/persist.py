@@ -114,8 +114,12 @@ class Persist:
             The AsyncResult of the continuation (the next task, or the resumed task).
 
         Raises:
-            InvalidKey, SuspensionNotFound, AlreadyResumed, SuspensionExpired,
-            SuspensionCancelled, StoreUnavailable.
+            InvalidKey: The key is malformed or was not issued with this deployment's secret (no store access).
+            SuspensionNotFound: No suspension is stored under the key.
+            AlreadyResumed: The suspension was already claimed or resumed.
+            SuspensionExpired: Its timeout passed.
+            SuspensionCancelled: It was cancelled.
+            StoreUnavailable: The store cannot be reached.
         """
         return flow.resume(self.binding, key, input)
 

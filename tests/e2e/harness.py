@@ -21,6 +21,20 @@ Services: ``CELERY_PERSIST_TEST_REDIS_URL`` (default redis://127.0.0.1:6379),
 ``CELERY_PERSIST_TEST_POSTGRESQL_URL`` (postgresql://127.0.0.1/test),
 ``CELERY_PERSIST_TEST_RABBITMQ_URL`` (amqp://guest:guest@127.0.0.1:5672//).
 A missing service skips locally and fails when ``CI=true``.
+
+Why the workers stay subprocesses, not ``celery.contrib.testing.worker.start_worker``
+(reviewed for every module here; crash, restart and fault tests need a process
+to kill anyway): the worker cost is already amortised (one session-wide worker
+per store; only the RabbitMQ test starts its own, about 2 s of its 4 s), and an
+in-thread worker would weaken what this tier checks. It shares the test
+process's app, binding, store connections, signal receivers and logging, so a
+resumer and a worker that disagree across processes (keys from the
+environment, SQLite/PostgreSQL visibility between processes, reconnect after
+fork in the prefork pool, ``-E`` events from another process, keys masked in the
+worker's own log file) would go unseen. Celery's stop flag
+(``celery.worker.state.should_terminate``) is also process-wide, so the two
+session stacks and a test's own stack could not be stopped one at a time. The
+in-process worker belongs to user-facing tests: see ``celery_persist.testing``.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from celery_persist.stores.base import Kind, Status, StoredRecord
 
 pytestmark = pytest.mark.integration
 
-URL = os.environ.get("CELERY_PERSIST_TEST_POSTGRES_URL", "postgresql://127.0.0.1/test")
+URL = os.environ.get("CELERY_PERSIST_TEST_POSTGRESQL_URL", "postgresql://127.0.0.1/test")
 N = 300
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

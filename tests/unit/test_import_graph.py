@@ -105,7 +105,7 @@ def test_own_modules_are_imported_at_module_top() -> None:
 #: The floors of ARCHITECTURE.md, bottom first. A module imports only from its own floor or below.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("errors", "stores.base"),
-    ("keys", "crypto", "codecs", "retry", "stores.drivers", "stores.sql_migrations"),
+    ("keys", "crypto", "codecs", "retry", "stores.drivers", "stores.sql_migrations", "tracing"),
     ("serializer", "stores", "stores.*", "metrics"),
     ("config", "maintenance"),
     ("hub",),

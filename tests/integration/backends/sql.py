@@ -1,6 +1,6 @@
 """SQL backends: SQLite in a temp dir, PostgreSQL and MariaDB servers.
 
-URLs come from ``CELERY_PERSIST_TEST_SQLITE_URL``, ``CELERY_PERSIST_TEST_POSTGRES_URL``
+URLs come from ``CELERY_PERSIST_TEST_SQLITE_URL``, ``CELERY_PERSIST_TEST_POSTGRESQL_URL``
 (default ``postgresql://127.0.0.1/test``) and ``CELERY_PERSIST_TEST_MARIADB_URL``
 (default ``mysql://root@127.0.0.1:3306/test``). Each test gets its own table
 prefix; teardown drops that test's tables.
@@ -22,7 +22,7 @@ from sqlalchemy import make_url
 
 from . import BAD_METADATA, BAD_STATUS, Backend
 
-POSTGRES_URL = os.environ.get("CELERY_PERSIST_TEST_POSTGRES_URL", "postgresql://127.0.0.1/test")
+POSTGRES_URL = os.environ.get("CELERY_PERSIST_TEST_POSTGRESQL_URL", "postgresql://127.0.0.1/test")
 MARIADB_URL = os.environ.get("CELERY_PERSIST_TEST_MARIADB_URL", "mysql://root@127.0.0.1:3306/test")
 #: The 10 MB contract test needs 2 x 10 MB + headroom: PyMySQL sends bytes as hex.
 MARIADB_MIN_PACKET = 64 * 1024 * 1024
