@@ -98,4 +98,3 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         return generator()
 
     return MARKER.sub(fill, markdown)
-
