@@ -41,7 +41,7 @@ from .stores import open_store
 if TYPE_CHECKING:
     from .persist import Persist
     from .task import PersistentTask
-    from .tasks import await_input
+    from .tasks import await_event, await_input, sleep
 
 __version__ = "0.1.0"
 
@@ -49,6 +49,8 @@ __all__ = [
     "Persist",
     "PersistentTask",
     "await_input",
+    "sleep",
+    "await_event",
     "PersistenceHub",
     "Suspension",
     "open_store",
@@ -72,7 +74,7 @@ __all__ = [
     "AwaitTimeout",
 ]
 
-_LAZY = {"Persist": "persist", "PersistentTask": "task", "await_input": "tasks"}
+_LAZY = {"Persist": "persist", "PersistentTask": "task", "await_input": "tasks", "sleep": "tasks", "await_event": "tasks"}
 
 
 def __getattr__(name: str) -> Any:

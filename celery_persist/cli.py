@@ -52,6 +52,7 @@ from .hub import PersistenceHub, Suspension
 from .registry import Binding, binding_of
 from .stores import open_store
 from .stores.base import Kind
+from .waits import WAITS
 
 __all__ = ["persist", "main"]
 
@@ -105,17 +106,37 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+def _wait_of(s: Suspension) -> str:
+    """What ``s`` waits for; a record written before timers and events existed waits for input."""
+    wait = s.metadata.get("wait")
+    return wait if isinstance(wait, str) and wait else "input"
+
+
 def _summary(s: Suspension) -> dict[str, Any]:
     md = s.metadata
+    wait = _wait_of(s)
     return {
         "fingerprint": s.fingerprint,
         "status": s.status,
+        "wait": wait,
         "prompt": md.get("prompt"),
+        "wake_at": md.get("wake_at") if wait == "timer" else None,
+        "topic": md.get("topic") if wait == "event" else None,
+        "event_key": md.get("event_key") if wait == "event" else None,
         "task": md.get("task"),
         "task_id": md.get("task_id"),
         "created_at": _iso(s.created_at),
         "expires_at": _iso(s.expires_at),
     }
+
+
+def _waiting_for(row: dict[str, Any]) -> str:
+    """The last column of ``list``: the prompt, the wake time, or the topic and key."""
+    if row["wait"] == "timer":
+        return f"wake_at={row['wake_at'] or '-'}"
+    if row["wait"] == "event":
+        return f"topic={row['topic'] or '-'} key={row['event_key'] or '-'}"
+    return str(row["prompt"] or "")
 
 
 def _echo_json(doc: Any) -> None:
@@ -219,12 +240,21 @@ def _task_checkpoints(hub: PersistenceHub, *, batch: int = 1000) -> int:
 @click.option(
     "--status", type=click.Choice(["suspended", "claimed", "resumed", "cancelled", "expired"]), help="Only suspensions in this status."
 )
+@click.option(
+    "--kind",
+    type=click.Choice(WAITS),
+    help="Only flows waiting for this: input (await_input), timer (sleep) or event (await_event).",
+)
 @click.option("--older-than", type=float, metavar="SECONDS", help="Only suspensions created more than SECONDS ago.")
 @click.option("--limit", type=int, default=1000, show_default=True, help="Stop after this many rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.pass_obj
-def list_cmd(ops: _Ops, status: str | None, older_than: float | None, limit: int, as_json: bool) -> None:
-    """List suspensions (never their state or keys)."""
+def list_cmd(ops: _Ops, status: str | None, kind: str | None, older_than: float | None, limit: int, as_json: bool) -> None:
+    """List suspensions (never their state or keys).
+
+    Each row says what the flow waits for: input (with its prompt), timer
+    (with its wake_at) or event (with its topic and key).
+    """
     rows: list[dict[str, Any]] = []
     cutoff = None if older_than is None else time.time() - older_than
     with _errors():
@@ -233,6 +263,8 @@ def list_cmd(ops: _Ops, status: str | None, older_than: float | None, limit: int
             page = ops.hub.list(status=status, limit=min(500, limit), cursor=cursor)
             for s in page.items:
                 if cutoff is not None and s.created_at and s.created_at.timestamp() > cutoff:
+                    continue
+                if kind is not None and _wait_of(s) != kind:
                     continue
                 rows.append(_summary(s))
             cursor = page.next_cursor
@@ -245,11 +277,11 @@ def list_cmd(ops: _Ops, status: str | None, older_than: float | None, limit: int
     if not rows:
         click.echo("no suspensions")
         return
-    click.echo(f"{'FINGERPRINT':<13} {'STATUS':<10} {'CREATED (UTC)':<20} {'EXPIRES (UTC)':<20} {'TASK':<28} PROMPT")
+    click.echo(f"{'FINGERPRINT':<13} {'STATUS':<10} {'WAIT':<6} {'CREATED (UTC)':<20} {'EXPIRES (UTC)':<20} {'TASK':<28} WAITING FOR")
     for r in rows:
         click.echo(
-            f"{r['fingerprint']:<13} {r['status']:<10} {(r['created_at'] or '-')[:19]:<20} "
-            f"{(r['expires_at'] or '-')[:19]:<20} {(r['task'] or '-')[:28]:<28} {r['prompt'] or ''}"
+            f"{r['fingerprint']:<13} {r['status']:<10} {r['wait']:<6} {(r['created_at'] or '-')[:19]:<20} "
+            f"{(r['expires_at'] or '-')[:19]:<20} {(r['task'] or '-')[:28]:<28} {_waiting_for(r)}".rstrip()
         )
 
 
@@ -259,7 +291,7 @@ def list_cmd(ops: _Ops, status: str | None, older_than: float | None, limit: int
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def show_cmd(ops: _Ops, key: str, reveal_state: bool, as_json: bool) -> None:
-    """Show one suspension: status, prompt, times, task and chain, last checkpoint.
+    """Show one suspension: status, what it waits for, times, task and chain, last checkpoint.
 
     KEY is the suspension key, or its fingerprint as `list` prints it (any
     unique prefix of at least 6 hex characters).
@@ -292,6 +324,8 @@ def show_cmd(ops: _Ops, key: str, reveal_state: bool, as_json: bool) -> None:
         _echo_json(doc)
         return
     for name, value in doc.items():
+        if name in ("wake_at", "topic", "event_key") and value is None:
+            continue  # another kind of wait's detail
         if name == "state":
             value = json.dumps(value, default=str)
         click.echo(f"{name + ':':<20} {value if value not in (None, []) else '-'}")

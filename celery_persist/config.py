@@ -155,6 +155,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("persist_retention", 7 * 86400, _float, "Seconds finished suspensions stay, so late callers get `AlreadyResumed`."),
     Setting("persist_cleanup_interval", 300, _opt_float, "Beat runs `celery_persist.cleanup` this often (None/0: no entry)."),
+    Setting(
+        "persist_timer_interval",
+        1,
+        _opt_float,
+        "Beat fires due timers (`sleep`) and timeouts this often, in seconds (None/0: no entry; then `cleanup` does it).",
+    ),
     Setting("persist_key_in_result", True, _bool, "Put the suspension key in the result backend's info dict."),
     Setting("persist_send_events", True, _bool, "Send `task-suspended` / `task-resumed` events (Flower shows SUSPENDED)."),
     Setting("persist_metrics", False, _bool, "Count suspends, resumes and expiries in Prometheus metrics (extra `metrics`)."),
@@ -198,6 +204,7 @@ class PersistConfig:
     store_retry: float = _default("store_retry")
     retention: float = _default("retention")
     cleanup_interval: float | None = _default("cleanup_interval")
+    timer_interval: float | None = _default("timer_interval")
     key_in_result: bool = _default("key_in_result")
     send_events: bool = _default("send_events")
     metrics: bool = _default("metrics")

@@ -32,17 +32,20 @@ A new kind of wait (a timer, an event) is a new ``kind`` here: its own
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from celery import group, signature
 from celery.app.task import Context
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, NotRegistered
+from celery.utils.functional import arity_greater
 
-from . import journal
+from . import journal, tracing
 from .errors import AlreadyResumed, AwaitTimeout, ConfigurationError, SuspensionCancelled, SuspensionExpired, SuspensionNotFound
 from .hub import PersistenceHub, Suspension
 from .keys import fingerprint, key_hash, masked_key, now_ms
@@ -64,6 +67,7 @@ __all__ = [
     "expire_flow",
     "revoke_flow",
     "request_context",
+    "key_of",
     "resume",
     "cancel",
     "cleanup",
@@ -94,7 +98,7 @@ class Parked(Ignore):  # type: ignore[misc]
 
 class FlowState(TypedDict, total=False):
     v: int
-    kind: str  # "chain" | "task"
+    kind: str  # "chain" | "task" (what resumes); the wait itself (input/timer/event) is in the record's metadata
     task_id: str
     task_name: str
     args: list[Any]
@@ -105,6 +109,8 @@ class FlowState(TypedDict, total=False):
     root_id: str | None
     parent_id: str | None
     group_id: str | None
+    group_index: int | None
+    chord: dict[str, Any] | None
     priority: int | None
     exchange: str | None
     routing_key: str | None
@@ -115,6 +121,9 @@ class FlowState(TypedDict, total=False):
     default: Any
     prompt: str | None
     call_index: int
+    topic: str  # await_event: what a signal names
+    event_key: str
+    trace: dict[str, str]  # W3C trace context of the parked task's span (see celery_persist.tracing)
 
 
 def capture(request: Any, *, kind: str, **extra: Any) -> FlowState:
@@ -131,6 +140,9 @@ def capture(request: Any, *, kind: str, **extra: Any) -> FlowState:
         "root_id": request.root_id or request.id,
         "parent_id": request.parent_id,
         "group_id": request.group,
+        "group_index": getattr(request, "group_index", None),
+        # A chord header member reports to its chord when it resumes (see request_context).
+        "chord": _plain_sig(request.chord) if getattr(request, "chord", None) else None,
         "priority": delivery.get("priority"),
         # Where the parked task was routed, so a re-run goes to the same queue
         # rather than through the resumer's (maybe different) router.
@@ -138,6 +150,9 @@ def capture(request: Any, *, kind: str, **extra: Any) -> FlowState:
         "routing_key": delivery.get("routing_key"),
         "hostname": request.hostname,
     }
+    trace = tracing.capture_context()
+    if trace is not None:
+        state["trace"] = trace  # in the authenticated state: no store writer can graft the flow onto another trace
     state.update(extra)  # type: ignore[typeddict-item]
     return state
 
@@ -172,6 +187,9 @@ def park(
     on_timeout: str,
     notify: Any,
     journal_name: str,
+    wait: str = "input",
+    details: Mapping[str, Any] | None = None,
+    on_parked: Callable[[str], None] | None = None,
 ) -> None:
     """Persist ``state`` as the suspension of the running task, publish SUSPENDED, stop.
 
@@ -179,6 +197,15 @@ def park(
     suspension it already wrote (through the park journal ``journal_name``,
     which holds the key's hash, never the key) and announces it again instead
     of parking twice.
+
+    Args:
+        wait: What the flow waits for: ``input``, ``timer`` or ``event`` (listed,
+            shown and counted by it).
+        details: Non-secret facts of the wait (``wake_at``, ``topic``...), kept in
+            the record's clear metadata and in the SUSPENDED state's info.
+        on_parked: Called with the key once the flow is stored, before it is
+            announced (an event wait indexes itself there: a client that signals
+            as soon as it sees SUSPENDED finds it).
 
     Raises:
         Parked: (an ``Ignore``) Always, once parked: the task ends without a
@@ -190,28 +217,40 @@ def park(
         raise ConfigurationError("await_input parks a flow on a worker; it cannot run eagerly or be called directly")
     if on_timeout not in ON_TIMEOUT:
         raise ConfigurationError(f"on_timeout must be one of {ON_TIMEOUT}, not {on_timeout!r}")
-    if request.group or getattr(request, "chord", None):
-        # Parked members never report to the group or chord, so its body would wait forever.
-        # Failing here fails the group (and runs the chord's errbacks) instead of hanging.
-        raise ConfigurationError(
-            f"{request.task} cannot park inside a group or a chord header yet (parallel waits are not "
-            "supported in this release); park before or after the group, or in the chord body"
-        )
+    _check_parallel(task, request)
     if timeout is None:
         timeout = binding.config.default_timeout
     ttl = timeout or None
     key, expires_at = with_store_retry(
-        lambda: _store_park(hub, binding, request, state, prompt=prompt, ttl=ttl, on_timeout=on_timeout, journal_name=journal_name),
+        lambda: _store_park(
+            hub,
+            binding,
+            request,
+            state,
+            prompt=prompt,
+            ttl=ttl,
+            on_timeout=on_timeout,
+            journal_name=journal_name,
+            wait=wait,
+            details=details,
+        ),
         binding.config.store_retry,
         what=f"the park of task {request.id}",
     )
     fp = fingerprint(key)
+    if on_parked is not None:
+        # Before the announcement: whoever sees SUSPENDED can already signal it. If this
+        # resumes the flow at once (a buffered signal), the result backend keeps the
+        # SUCCESS it stores: Celery's backends do not overwrite SUCCESS with a later state.
+        on_parked(key)
     info = {
         # Wrapped: what the result backend (and Flower) hold resumes nothing without the keys.
         "suspension_key": hub.wrap_key(key) if binding.config.key_in_result else None,
         "fingerprint": fp,
         "prompt": prompt,
         "expires_at": expires_at,
+        "wait": wait,
+        **(details or {}),
     }
     task.update_state(state=SUSPENDED, meta=info)
     if binding.config.send_events:
@@ -226,8 +265,27 @@ def park(
         signature(notify, app=task.app).apply_async(
             (key, {**info, "suspension_key": key}), argsrepr=repr((masked_key(fp), masked)), ignore_result=True
         )
-    logger.info("celery-persist: task %s parked as suspension %s", request.id, fp)
+    logger.info("celery-persist: task %s parked as suspension %s (%s)", request.id, fp, wait)
     raise Parked()
+
+
+def _check_parallel(task: Task, request: Any) -> None:
+    """Refuse, at park time, what a parked group or chord member could not report to.
+
+    A member of a ``group`` or a chord header parks like any step; its resume
+    (or its timeout) stores its result with the request's group, index and
+    chord, which is how Celery counts chord members, so the body runs once,
+    after the last one, with the results in order. That needs a result backend
+    and the group id Celery gives every member; without them the body could
+    never run, so parking is refused instead of hanging.
+    """
+    chord = getattr(request, "chord", None)
+    if not (request.group or chord):
+        return
+    if chord and not request.group:
+        raise ConfigurationError(f"{request.task} is in a chord header without a group id: a parked member could never be counted")
+    if type(task.backend).__name__ == "DisabledBackend":
+        raise ConfigurationError(f"{request.task} cannot park inside a group or chord without a result backend to report to")
 
 
 def _store_park(
@@ -240,6 +298,8 @@ def _store_park(
     ttl: float | None,
     on_timeout: str,
     journal_name: str,
+    wait: str = "input",
+    details: Mapping[str, Any] | None = None,
 ) -> tuple[str, str | None]:
     """Write the suspension (or find the one this step wrote before): its key and expiry.
 
@@ -265,6 +325,8 @@ def _store_park(
         "chain_ids": chain_ids,
         "chain_tasks": chain_tasks,
         "on_timeout": on_timeout,
+        "wait": wait,
+        **(details or {}),
     }
     hub.suspend(dict(state), ttl=ttl, metadata=metadata, key=key)
     return key, datetime.fromtimestamp(time.time() + ttl, tz=timezone.utc).isoformat() if ttl else None
@@ -272,11 +334,6 @@ def _store_park(
 
 def _parked_before(hub: PersistenceHub, journal_name: str, journal_ttl: float | None, task_id: str) -> tuple[str | None, str | None]:
     """For a redelivered park: the key to announce again and its expiry, or (None, None) to park anew.
-
-    The park journal holds the suspension's key hash and the time its key was
-    derived at, never the key: the key is derived again, or, where no secret
-    exists to derive it (encryption off, no signing secret) or the secret
-    changed, the suspension is moved to a new key (:meth:`PersistenceHub.reissue`).
 
     Raises:
         Parked: (an ``Ignore``) The step was parked and already resumed, cancelled or expired.
@@ -290,16 +347,36 @@ def _parked_before(hub: PersistenceHub, journal_name: str, journal_ttl: float | 
     if parked.status != "suspended":
         logger.info("celery-persist: task %s was already parked and handled; ignoring redelivery", task_id)
         raise Parked()
+    try:
+        key = key_of(hub, journal_name, journal_ttl)
+    except (AlreadyResumed, SuspensionCancelled, SuspensionExpired, SuspensionNotFound):
+        logger.info("celery-persist: task %s was already parked and handled; ignoring redelivery", task_id)
+        raise Parked() from None
+    return key, parked.expires_at.isoformat() if parked.expires_at else None
+
+
+def key_of(hub: PersistenceHub, journal_name: str, journal_ttl: float | None) -> str | None:
+    """The key of the suspension parked under ``journal_name``, or None when there is no such park.
+
+    The park journal holds the suspension's key hash and the time its key was
+    derived at, never the key: the key is derived again, or, where no secret
+    exists to derive it (encryption off, no signing secret) or the secret
+    changed, the suspension is moved to a new key (:meth:`PersistenceHub.reissue`)
+    and the journal follows it.
+
+    Raises:
+        AlreadyResumed, SuspensionCancelled, SuspensionExpired, SuspensionNotFound:
+            It had to be moved to a new key, and is no longer suspended.
+    """
+    entry = hub.load_checkpoint(journal_name)
+    if not isinstance(entry, dict) or not isinstance(entry.get("hash"), str):
+        return None
     ms = entry.get("ms")
     key = hub.derived_key(journal_name.encode("utf-8"), ms) if isinstance(ms, int) else None
     if key is None or key_hash(key) != entry["hash"]:
-        try:
-            key = hub.reissue(entry["hash"])
-        except (AlreadyResumed, SuspensionCancelled, SuspensionExpired, SuspensionNotFound):
-            logger.info("celery-persist: task %s was already parked and handled; ignoring redelivery", task_id)
-            raise Parked() from None
+        key = hub.reissue(entry["hash"])
         hub.save_checkpoint(journal_name, {"hash": key_hash(key), "ms": None}, ttl=journal_ttl)
-    return key, parked.expires_at.isoformat() if parked.expires_at else None
+    return key
 
 
 def _chain_summary(request: Any) -> tuple[list[str], list[str]]:
@@ -323,10 +400,13 @@ def request_context(app: Celery, state: FlowState, *, with_chain: bool) -> Any:
         root_id=state.get("root_id"),
         parent_id=state.get("parent_id"),
         group=state.get("group_id"),
+        group_index=state.get("group_index"),
         chain=state.get("chain") if with_chain else None,
         errbacks=state.get("errbacks"),
         callbacks=state.get("callbacks"),
-        chord=None,
+        # The parked member's chord: storing its result (or its failure) counts it, as Celery's
+        # tracer would have when the member returned; the last one to report runs the body.
+        chord=state.get("chord"),
         delivery_info={"priority": state.get("priority")},
         hostname=None,
     )
@@ -414,28 +494,32 @@ def continue_flow(binding: Binding, suspension: Suspension, value: Any, *, deliv
     ``delivery`` (from :meth:`~celery_persist.hub.PersistenceHub.record_dispatch`) rides
     in the continuation message's headers, so a worker runs one copy of it only.
     Task renames in ``persist_task_aliases`` are applied first: flows parked before
-    a deploy that renamed a task continue under the new name.
+    a deploy that renamed a task continue under the new name. With OpenTelemetry,
+    the continuation is sent in the trace of the task that parked
+    (:func:`celery_persist.tracing.trace_resume`).
     """
     app = binding.app
     state: FlowState
     state, _ = rename_tasks(suspension.state, binding.config.task_aliases)
     task_id = state["task_id"]
-    if state.get("kind") == "task":
-        result = _rerun_task(binding, state, value, suspension.fingerprint, delivery)
-    else:
-        passed = {"previous": state.get("previous"), "input": value} if state.get("include_previous") else value
-        nxt = _dispatch(app, passed, state, delivery)
-        app.backend.mark_as_done(task_id, passed, request=request_context(app, state, with_chain=False))
-        _send_events(
-            binding,
-            task_id,
-            state.get("hostname"),
-            [
-                ("task-resumed", {"suspension": suspension.fingerprint, "prompt": state.get("prompt")}),
-                ("task-succeeded", {"result": "<resumed>", "runtime": 0.0}),
-            ],
-        )
-        result = nxt if nxt is not None else app.AsyncResult(task_id)
+    # Sent from a span in the parked task's trace: the continuation joins that trace.
+    with tracing.trace_resume(state.get("trace"), task_name=state.get("task_name"), fingerprint=suspension.fingerprint):
+        if state.get("kind") == "task":
+            result = _rerun_task(binding, state, value, suspension.fingerprint, delivery)
+        else:
+            passed = {"previous": state.get("previous"), "input": value} if state.get("include_previous") else value
+            nxt = _dispatch(app, passed, state, delivery)
+            app.backend.mark_as_done(task_id, passed, request=request_context(app, state, with_chain=False))
+            _send_events(
+                binding,
+                task_id,
+                state.get("hostname"),
+                [
+                    ("task-resumed", {"suspension": suspension.fingerprint, "prompt": state.get("prompt")}),
+                    ("task-succeeded", {"result": "<resumed>", "runtime": 0.0}),
+                ],
+            )
+            result = nxt if nxt is not None else app.AsyncResult(task_id)
     logger.info("celery-persist: resumed suspension %s (task %s)", suspension.fingerprint, task_id)
     return result
 
@@ -452,6 +536,10 @@ def _rerun_task(binding: Binding, state: FlowState, value: Any, fp: str, deliver
         "group_id": state.get("group_id"),
         "priority": state.get("priority"),
     }
+    if state.get("chord"):
+        # A chord header member: the re-run reports to the chord when it finishes.
+        options["chord"] = state["chord"]
+        options["group_index"] = state.get("group_index")
     if state.get("exchange") is not None or state.get("routing_key"):
         options["exchange"] = state.get("exchange")
         options["routing_key"] = state.get("routing_key")
@@ -477,13 +565,56 @@ def expire_flow(binding: Binding, suspension: Suspension) -> None:
         continue_flow(binding, suspension, state.get("default"))
         return
     app = binding.app
-    exc = AwaitTimeout(
-        f"await_input timed out before it was resumed (prompt: {state.get('prompt')!r})",
-        key=suspension.fingerprint,
-    )
-    app.backend.mark_as_failure(state["task_id"], exc, request=request_context(app, state, with_chain=True), call_errbacks=True)
+    if state.get("topic"):
+        what = f"await_event {state['topic']!r} timed out before a signal came"
+    else:
+        what = f"await_input timed out before it was resumed (prompt: {state.get('prompt')!r})"
+    exc = AwaitTimeout(what, key=suspension.fingerprint)
+    request = request_context(app, state, with_chain=True)
+    app.backend.mark_as_failure(state["task_id"], exc, request=request, call_errbacks=False)
+    _call_errbacks(app, request, exc)
     _send_event(binding, "task-failed", state["task_id"], exception=repr(exc), traceback="")
     logger.info("celery-persist: suspension %s timed out (task %s)", suspension.fingerprint, state["task_id"])
+
+
+def _call_errbacks(app: Celery, request: Any, exc: BaseException) -> None:
+    """Run a timed-out step's errbacks as Celery 5.7's result backend does, on every supported Celery.
+
+    Celery before 5.7 tells a new-style errback ``(request, exc, traceback)`` from an
+    old-style one ``(task_id)`` by its task's whole signature: an old-style errback with a
+    bound argument (``on_error.s(tag=...)`` for ``def on_error(task_id, tag)``) is called
+    inline with three arguments and raises TypeError, each time cleanup retries the timeout.
+    Only the arguments the failure still supplies are counted here. An inline errback that
+    raises is logged (as Celery 5.7 does), not re-raised: the timeout has been applied.
+    """
+    task_id = request.id
+    by_task_id = []
+    for errback in request.errbacks or ():
+        sig = signature(errback, app=app)
+        try:
+            inline = _takes_request(sig)
+        except NotRegistered:  # unknown in this process: sent on, for a worker that knows it
+            inline = False
+        if not inline:
+            by_task_id.append(sig)
+            continue
+        try:
+            sig(request, exc, None)
+        except Exception:  # noqa: BLE001 - one broken errback must not re-run the timeout
+            logger.exception("celery-persist: errback %s of timed-out task %s raised", sig.get("task"), task_id)
+    if by_task_id:
+        group(by_task_id, app=app).apply_async((task_id,), parent_id=task_id, root_id=request.root_id or task_id)
+
+
+def _takes_request(sig: Any) -> bool:
+    """Whether errback ``sig`` is new-style: it takes ``(request, exc, traceback)`` besides its own arguments."""
+    header = getattr(sig.type, "__header__", None)  # tasks made by @app.task have one
+    if header is None or isinstance(header, partial):
+        return False
+    if not sig.immutable and (sig.args or sig.kwargs):
+        with contextlib.suppress(TypeError, ValueError):  # arguments the task cannot take: judged as Celery does
+            return bool(arity_greater(partial(header, *sig.args, **sig.kwargs), 1))
+    return bool(arity_greater(header, 1))
 
 
 def revoke_flow(binding: Binding, suspension: Suspension) -> None:
@@ -520,6 +651,9 @@ def resume(binding: Binding, key: str, input: Any) -> AsyncResult:
     suspension = hub.claim(key, input)
     token = suspension.claim_token
     assert token is not None  # a claim always has one
+    if suspension.metadata.get("wait") == "timer":
+        hub.release(key, token=token)
+        raise ConfigurationError("a sleeping flow is not resumed by key: its timer fires at wake_at (cancel it to stop the flow)")
     try:
         # Recorded before anything is sent: from here on the claim is finished, never re-opened.
         delivery = hub.record_dispatch(key, input)

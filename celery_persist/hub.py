@@ -72,6 +72,8 @@ WRAPPED_KEY_PREFIX = _WRAP_PREFIX = "p1w."
 _FIELDS_PREFIX = b"celery-persist/record-fields/v1\0"
 _WRAP_AAD = b"celery-persist/wrapped-key/v1"
 _warned_plaintext = False
+#: Hex characters of :meth:`PersistenceHub.index_prefix` (96 bits); the other 40 of an indexed key hash tell records apart.
+INDEX_PREFIX_LEN = 24
 #: Audit outcomes of the normal path, logged at DEBUG; every other outcome is logged at INFO.
 _ROUTINE = frozenset({"ok", "granted"})
 
@@ -414,7 +416,8 @@ class PersistenceHub:
         fp = fingerprint(key)
         rec = self._build(key_hash(key), Kind.SUSPENSION, Status.SUSPENDED, state, metadata, now, expires, fp)
         self.store.put(rec)
-        self._audit("suspend", fp, "ok", seconds=time.perf_counter() - started, size=len(rec.blob))
+        wait = str((metadata or {}).get("wait", "input"))
+        self._audit("suspend", fp, "ok", seconds=time.perf_counter() - started, size=len(rec.blob), wait=wait)
         return key
 
     def new_key(self, context: bytes | None = None, ms: int | None = None) -> str:
@@ -678,8 +681,14 @@ class PersistenceHub:
         :meth:`release` if it could not be. Prefer :meth:`claiming`.
 
         Raises:
-            InvalidKey, SuspensionNotFound, AlreadyResumed, SuspensionExpired,
-            SuspensionCancelled, IntegrityError, EncryptionError, StoreUnavailable.
+            InvalidKey: The key is malformed or was not issued with this deployment's secret (no store access).
+            SuspensionNotFound: No suspension is stored under the key.
+            AlreadyResumed: The suspension was already claimed or resumed.
+            SuspensionExpired: Its timeout passed.
+            SuspensionCancelled: It was cancelled.
+            IntegrityError: The stored record was changed outside celery-persist.
+            EncryptionError: The state does not open with the configured keys.
+            StoreUnavailable: The store cannot be reached.
         """
         return self._take(key, input, Status.CLAIMED, lease or self.lease)
 
@@ -780,7 +789,10 @@ class PersistenceHub:
 
         Raises:
             InvalidKey: Malformed or forged key (no store read).
-            SuspensionNotFound, AlreadyResumed, SuspensionExpired, SuspensionCancelled.
+            SuspensionNotFound: No suspension is stored under the key.
+            AlreadyResumed: The suspension was already claimed or resumed.
+            SuspensionExpired: Its timeout passed.
+            SuspensionCancelled: It was cancelled.
         """
         # Nothing is dispatched between claiming and completing here, so there is no
         # crash window for a lease to cover: one compare-and-set straight to RESUMED
@@ -795,8 +807,12 @@ class PersistenceHub:
             e.g. which tasks to revoke, comes from it), status ``cancelled``.
 
         Raises:
-            InvalidKey, SuspensionNotFound, AlreadyResumed, SuspensionExpired,
-            IntegrityError, EncryptionError.
+            InvalidKey: The key is malformed or was not issued with this deployment's secret (no store access).
+            SuspensionNotFound: No suspension is stored under the key.
+            AlreadyResumed: The suspension was already claimed or resumed.
+            SuspensionExpired: Its timeout passed.
+            IntegrityError: The stored record was changed outside celery-persist.
+            EncryptionError: The state does not open with the configured keys.
         """
         key = self.unwrap_key(key)
         fp = self._check_key(key, "cancel")
@@ -871,6 +887,62 @@ class PersistenceHub:
 
     def delete_checkpoint(self, name: str) -> bool:
         return self.store.delete(self.checkpoint_hash(name))
+
+    # -- indexes: records found by a key-hash prefix (event waits, buffered signals) --------
+
+    def index_prefix(self, label: str, *parts: str) -> str:
+        """24 hex characters that name ``parts`` (say a topic and a key) in the key-hash space.
+
+        Records written under it with :meth:`save_indexed` are found again with
+        :meth:`indexed`, through each store's key-hash index: the cost does not
+        depend on how many other records are stored. Keyed with a secret derived
+        from the keyring (or the signing secret) when there is one, so the store
+        does not show which topic or key a record belongs to.
+        """
+        data = "\0".join((label, *parts)).encode("utf-8")
+        secret = self._seed if self._seed is not None else b"celery-persist/index"
+        return hmac.new(secret, b"index/v1\0" + data, hashlib.sha256).hexdigest()[:INDEX_PREFIX_LEN]
+
+    def event_index_hash(self, topic: str, key: str, suspension_hash: str) -> str:
+        """Where the index record of a flow waiting on ``(topic, key)`` lives (see :mod:`celery_persist.waits`)."""
+        return self.index_prefix("event", topic, key) + suspension_hash[: 64 - INDEX_PREFIX_LEN]
+
+    def audit(self, action: str, fp: str, outcome: str, **extra: Any) -> None:
+        """Log an audit record (and tell the metrics observer) for an action taken above the hub."""
+        self._audit(action, fp, outcome, **extra)
+
+    def save_indexed(self, kh: str, state: Any, *, ttl: float | None, metadata: Mapping[str, Any] | None = None) -> None:
+        """Store ``state`` (sealed, like a checkpoint) under the key hash ``kh`` (an index prefix + 40 hex)."""
+        if len(kh) != 64 or not all(c in "0123456789abcdef" for c in kh):
+            raise ValueError("an indexed record's key hash is 64 lowercase hex characters")
+        now = self.clock()
+        ttl = _checked_ttl(ttl or 0)
+        self.store.put(self._build(kh, Kind.CHECKPOINT, Status.ACTIVE, state, metadata, now, now + ttl if ttl else None, kh[:12]))
+
+    def indexed(self, prefix: str, *, batch: int = 500) -> Iterator[tuple[StoredRecord, Any]]:
+        """``(record, state)`` of every live record saved under ``prefix``, in key-hash order.
+
+        Walks the store's key-hash order from the prefix on and stops at the
+        first key past it: the cost follows the number of matches. Records that
+        expired (not yet pruned), that do not verify or do not open are skipped.
+        """
+        start = int(prefix, 16)
+        cursor = None if start == 0 else format(start - 1, f"0{len(prefix)}x") + "f" * (64 - len(prefix))
+        now = self.clock()
+        while True:
+            page = self.store.scan(kind=Kind.CHECKPOINT, limit=batch, cursor=cursor, with_blob=True)
+            for rec in page.items:
+                if not rec.key_hash.startswith(prefix):
+                    return
+                if rec.poisoned is not None or (rec.expires_at is not None and rec.expires_at <= now):
+                    continue
+                try:
+                    yield rec, self._open_record(self._verify(rec), rec.key_hash[:12])
+                except PersistenceError:
+                    logger.warning("celery-persist: skipped indexed record %s that does not authenticate", rec.key_hash[:12])
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     # -- maintenance -----------------------------------------------------------------------
 

@@ -23,13 +23,17 @@ from .stores.base import TERMINAL, Kind, Status, StoredRecord
 if TYPE_CHECKING:
     from .hub import PersistenceHub, Suspension
 
-__all__ = ["cleanup", "rotate_keys", "adopt_unsealed", "stats"]
+__all__ = ["TIMEOUT_HANDLER_ATTEMPTS", "cleanup", "rotate_keys", "adopt_unsealed", "stats"]
 
 # The hub's logger, not __name__: these are hub operations, and logging set up
 # for celery_persist.hub should keep seeing a failing timeout handler.
 logger = logging.getLogger("celery_persist.hub")
 
 _ROTATE_OUTCOMES = ("rotated", "current", "raced", "plaintext", "unreadable")
+
+#: How many times cleanup applies a suspension's timeout policy (``on_expired``) before it
+#: gives up on it: the record then stays ``expired``, out of the due index, for inspection.
+TIMEOUT_HANDLER_ATTEMPTS = 5
 
 
 def cleanup(
@@ -40,6 +44,7 @@ def cleanup(
     on_unfinished: Callable[[Suspension, Any, str], None] | None = None,
     batch: int = 500,
     retry_after: float = 60.0,
+    handler_attempts: int = TIMEOUT_HANDLER_ATTEMPTS,
 ) -> int:
     """Handle every record of ``hub``'s store that is due (see :meth:`PersistenceHub.cleanup`)."""
     now = hub.clock() if now is None else now
@@ -48,7 +53,7 @@ def cleanup(
         records = hub.store.due(now, batch)
         progressed = 0
         for rec in records:
-            progressed += _cleanup_one(hub, rec, now, on_expired, on_unfinished, retry_after)
+            progressed += _cleanup_one(hub, rec, now, on_expired, on_unfinished, retry_after, handler_attempts)
         done += progressed
         # Keep going while something moved: a lapsed lease that is also past its expiry is
         # re-opened in one pass and expired in the next, within the same run.
@@ -63,6 +68,7 @@ def _cleanup_one(
     on_expired: Callable[[Suspension], None] | None,
     on_unfinished: Callable[[Suspension, Any, str], None] | None,
     retry_after: float,
+    handler_attempts: int = TIMEOUT_HANDLER_ATTEMPTS,
 ) -> int:
     store = hub.store
     fp = rec.key_hash[:12]
@@ -82,6 +88,7 @@ def _cleanup_one(
             return 1
         return 0
     if rec.kind is not Kind.SUSPENSION or rec.status in TERMINAL:
+        _drop_event_index(hub, rec)
         return int(store.delete(rec.key_hash))
     if rec.status is Status.CLAIMED:
         return _lapsed_claim(hub, rec, now, on_unfinished, retry_after)
@@ -89,7 +96,7 @@ def _cleanup_one(
     if expired is None:
         return 0
     if on_expired is None:
-        hub._audit("expire", fp, "ok")
+        hub._audit("expire", fp, "ok", wait=_wait_of(rec))
         return 1
     try:
         state = hub._open_record(rec, fp)
@@ -97,14 +104,82 @@ def _cleanup_one(
         # Unreadable (tampered or key removed): the record stays, marked expired, for inspection.
         hub._audit("expire", fp, f"unreadable:{type(exc).__name__}")
         return 1
+    # A failed attempt moved the record back with a due time past its expiry: only then is
+    # there an attempt counter to read (the first attempt costs no extra store access).
+    retried = rec.expires_at is not None and rec.due_at is not None and rec.due_at > rec.expires_at
     try:
         on_expired(hub._view(rec.replace(status=Status.EXPIRED), None, state=state))
-    except Exception:
-        logger.exception("celery-persist: timeout handler failed for suspension %s; retrying later", fp)
+    except Exception:  # noqa: BLE001 - counted, retried, and given up on after handler_attempts
+        return _timeout_handler_failed(hub, expired, now, retried, retry_after, handler_attempts)
+    if retried:
+        hub.delete_checkpoint(_attempts_name(rec.key_hash))
+    hub._audit("expire", fp, "ok", wait=_wait_of(rec))
+    return 1
+
+
+def _wait_of(rec: StoredRecord) -> str:
+    """What a suspension waits for (``input``, ``timer``, ``event``), from its clear metadata."""
+    wait = rec.metadata.get("wait", "input") if rec.poisoned is None else "input"
+    return wait if isinstance(wait, str) else "input"
+
+
+def _drop_event_index(hub: PersistenceHub, rec: StoredRecord) -> None:
+    """With a finished event wait, delete its index record too (a signal would skip it anyway)."""
+    if rec.kind is not Kind.SUSPENSION or rec.poisoned is not None or rec.metadata.get("wait") != "event":
+        return
+    topic, key = rec.metadata.get("topic"), rec.metadata.get("event_key")
+    if isinstance(topic, str) and isinstance(key, str):
+        hub.store.delete(hub.event_index_hash(topic, key, rec.key_hash))
+
+
+def _attempts_name(kh: str) -> str:
+    """The checkpoint that counts the failed timeout-handler attempts of suspension ``kh``."""
+    return f"timeout-attempts:{kh}"
+
+
+def _timeout_handler_failed(
+    hub: PersistenceHub, expired: StoredRecord, now: float, retried: bool, retry_after: float, attempts: int
+) -> int:
+    """Count a failed timeout handler: retry after ``retry_after`` seconds, or give up after ``attempts``.
+
+    Given up, the record stays ``expired`` (a resume is refused) and leaves the due index, so
+    it is kept for inspection and never handled (or pruned) again; one ERROR says so.
+    Must be called from the ``except`` block of the failed handler (it logs the exception).
+    """
+    fp = expired.key_hash[:12]
+    name = _attempts_name(expired.key_hash)
+    failures = 0
+    if retried:
+        try:
+            counted = hub.load_checkpoint(name)
+        except PersistenceError:  # unreadable counter: count from here
+            counted = None
+        if isinstance(counted, dict) and isinstance(counted.get("failures"), int):
+            failures = counted["failures"]
+    failures += 1
+    if failures < attempts:
+        logger.warning(
+            "celery-persist: timeout handler failed for suspension %s (attempt %d of %d); retrying in %.0f s",
+            fp,
+            failures,
+            attempts,
+            retry_after,
+            exc_info=True,
+        )
+        hub.save_checkpoint(name, {"failures": failures}, ttl=hub.retention + retry_after)
         hub._move(expired, Status.SUSPENDED, due=now + retry_after, now=now)
-        hub._audit("expire", fp, "handler-failed")
+        hub._audit("expire", fp, "handler-failed", attempt=failures)
         return 1
-    hub._audit("expire", fp, "ok")
+    logger.error(
+        "celery-persist: timeout handler failed %d times for suspension %s; giving up: it stays expired, "
+        "out of cleanup's due index, for inspection (its timeout policy was not applied)",
+        failures,
+        fp,
+        exc_info=True,
+    )
+    hub._move(expired, Status.EXPIRED, due=None, now=now)
+    hub.delete_checkpoint(name)
+    hub._audit("expire", fp, "gave-up", attempt=failures)
     return 1
 
 

@@ -3,8 +3,12 @@
 The hub reports every audited action to an observer; :class:`PrometheusMetrics`
 turns those reports into:
 
-* counters ``celery_persist_suspended_total``, ``_resumed_total``,
-  ``_expired_total``, ``_cancelled_total``, ``_resume_denied_total{reason}``;
+* counters ``celery_persist_suspended_total``, ``_waits_total{wait}`` (input,
+  timer, event), ``_timers_fired_total``, ``_signals_total``,
+  ``_signal_woken_total``, ``_resumed_total``,
+  ``_expired_total``, ``_cancelled_total``, ``_resume_denied_total{reason}``,
+  ``_timeout_handler_failures_total{outcome}`` (``retry``: a timeout policy
+  raised and cleanup will try again; ``gave-up``: it raised once too often);
 * histograms ``celery_persist_suspend_seconds``, ``_resume_seconds`` (claim:
   read, authenticate, decrypt, transition) and ``_state_bytes`` (sealed size);
 * gauge ``celery_persist_suspensions{status}``, computed from the store when
@@ -59,6 +63,16 @@ class PrometheusMetrics:
         self.expired = pc.Counter("expired", "Suspensions that timed out.", ["store"], **kw)
         self.cancelled = pc.Counter("cancelled", "Suspensions cancelled.", ["store"], **kw)
         self.denied = pc.Counter("resume_denied", "Resume or cancel attempts refused.", ["store", "reason"], **kw)
+        self.timeout_handler_failures = pc.Counter(
+            "timeout_handler_failures",
+            "Timeout policies that raised in cleanup (outcome retry or gave-up).",
+            ["store", "outcome"],
+            **kw,
+        )
+        self.waits = pc.Counter("waits", "Suspensions written, by what they wait for (input, timer, event).", ["store", "wait"], **kw)
+        self.timers_fired = pc.Counter("timers_fired", "Timers (sleep) that fired.", ["store"], **kw)
+        self.signals = pc.Counter("signals", "Signals sent (persist.signal).", ["store"], **kw)
+        self.signal_woken = pc.Counter("signal_woken", "Flows woken by signals.", ["store"], **kw)
         self.suspend_seconds = pc.Histogram(
             "suspend_seconds", "Time to serialize, seal and store a state.", ["store"], buckets=_LATENCY_BUCKETS, **kw
         )
@@ -90,6 +104,7 @@ class PrometheusMetrics:
             self.denied.labels(store, outcome.partition(":")[2]).inc()
         elif action == "suspend":
             self.suspended.labels(store).inc()
+            self.waits.labels(store, str(extra.get("wait", "input"))).inc()
             if seconds is not None:
                 self.suspend_seconds.labels(store).observe(seconds)
         elif action == "claim":
@@ -97,10 +112,19 @@ class PrometheusMetrics:
                 self.resume_seconds.labels(store).observe(seconds)
         elif action == "resume" and outcome == "ok":
             self.resumed.labels(store).inc()
-        elif action == "expire" and outcome != "handler-failed":
+        elif action == "expire" and outcome == "handler-failed":
+            self.timeout_handler_failures.labels(store, "retry").inc()
+        elif action == "expire":
+            if outcome == "gave-up":
+                self.timeout_handler_failures.labels(store, "gave-up").inc()
             self.expired.labels(store).inc()
+            if outcome == "ok" and extra.get("wait") == "timer":
+                self.timers_fired.labels(store).inc()
         elif action == "cancel" and outcome == "ok":
             self.cancelled.labels(store).inc()
+        elif action == "signal":
+            self.signals.labels(store).inc()
+            self.signal_woken.labels(store).inc(int(extra.get("woken", 0)))
         if size is not None and action == "suspend":
             self.state_bytes.labels(store).observe(size)
 

@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import flow, handlers, journal
+from . import flow, handlers, journal, waits
 from . import tasks as _tasks  # noqa: F401 - importing it attaches the shared tasks to every app
 from .config import PersistConfig
 from .errors import ConfigurationError, PersistenceError, SuspensionNotFound
@@ -122,6 +122,29 @@ class Persist:
             StoreUnavailable: The store cannot be reached.
         """
         return flow.resume(self.binding, key, input)
+
+    def signal(self, topic: str, key: str, payload: Any = None, *, buffer: float | None = None) -> int:
+        """Wake every flow waiting on ``(topic, key)`` (``await_event``) with ``payload``.
+
+        Each flow is woken once, through the same claim as a resume: a flow that
+        two signals (or a signal and its timeout) race for ends one way only.
+
+        Args:
+            topic: What happened (``"payment.settled"``), 1-256 characters.
+            key: Which one (an order id), 1-256 characters.
+            payload: The next step's input (JSON-able with the default codec).
+            buffer: Also keep the signal this many seconds for flows that start
+                waiting later; each of them takes it once.
+
+        Returns:
+            How many flows were woken (0 when nobody waits; a buffered signal is kept).
+
+        Raises:
+            ConfigurationError: A topic or key that is not a string of 1-256 characters, or a bad buffer.
+            StateTooLarge: The payload exceeds ``persist_max_state_size``; nothing changed.
+            StoreUnavailable: The store cannot be reached.
+        """
+        return waits.signal(self.binding, topic, key, payload, buffer=buffer)
 
     def cancel(self, key: str) -> Suspension:
         """End a suspension; the parked task (and what was chained after it) become REVOKED."""

@@ -36,12 +36,14 @@ from .stores import mask_url, open_store
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["Binding", "bind", "binding_of", "lock", "CLEANUP_TASK", "BEAT_ENTRY"]
+__all__ = ["Binding", "bind", "binding_of", "lock", "CLEANUP_TASK", "BEAT_ENTRY", "TIMER_TASK", "TIMER_BEAT_ENTRY"]
 
 logger = logging.getLogger(__name__)
 
 CLEANUP_TASK = "celery_persist.cleanup"
 BEAT_ENTRY = "celery-persist-cleanup"
+TIMER_TASK = "celery_persist.fire_timers"
+TIMER_BEAT_ENTRY = "celery-persist-timers"
 
 #: Guards the map and the one-per-process metrics; re-entrant because binding may build metrics.
 lock = threading.RLock()
@@ -130,9 +132,14 @@ class Binding:
             masked = mask_url(cfg.store_url)
             if masked != cfg.store_url and app.conf.get("persist_store_url") == cfg.store_url:
                 app.conf["persist_store_url"] = masked
+            schedule = dict(app.conf.beat_schedule or {})
             if cfg.cleanup_interval:
-                schedule = dict(app.conf.beat_schedule or {})
                 schedule.setdefault(BEAT_ENTRY, {"task": CLEANUP_TASK, "schedule": float(cfg.cleanup_interval)})
+            if cfg.timer_interval:
+                # A fire that waited longer than one interval is stale: the next one does its work.
+                every = float(cfg.timer_interval)
+                schedule.setdefault(TIMER_BEAT_ENTRY, {"task": TIMER_TASK, "schedule": every, "options": {"expires": max(every, 1.0)}})
+            if schedule != (app.conf.beat_schedule or {}):
                 app.conf.beat_schedule = schedule
 
     def ready(self) -> PersistenceHub:

@@ -17,11 +17,15 @@ The task's progress lives in its journal (:mod:`celery_persist.journal`):
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Task
 
-from . import flow, handlers, journal
+from . import flow, handlers, journal, waits
+from .keys import key_hash
 from .registry import Binding, binding_of
 
 if TYPE_CHECKING:
@@ -113,12 +117,86 @@ class PersistentTask(Task):  # type: ignore[misc]
             default: Input used on timeout with ``on_timeout="default"``.
             notify: Signature applied with ``(key, info)`` once parked.
         """
+        return self._wait(
+            prompt=prompt,
+            timeout=self.await_timeout if timeout is None else timeout,
+            on_timeout=on_timeout,
+            default=default,
+            notify=notify,
+            wait="input",
+        )
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` in the store (no ETA message), then run again from the top.
+
+        Like :meth:`await_input`, the task is parked and re-run with the same
+        id; on the re-run this call returns at once. A time already past
+        (``seconds <= 0``) returns at once.
+        """
+        wake_at = waits.wake_time(seconds)
+        delay = wake_at - time.time()
+        self._wait(
+            prompt=None,
+            timeout=delay,
+            on_timeout="default",
+            default=None,
+            notify=None,
+            wait="timer",
+            details={"wake_at": datetime.fromtimestamp(wake_at, tz=timezone.utc).isoformat()},
+            at_once=delay <= 0,
+        )
+
+    def await_event(self, topic: str, *, key: str, timeout: float | None = None, on_timeout: str = "fail", default: Any = None) -> Any:
+        """Wait for ``persist.signal(topic, key=key, payload=...)``; returns the payload.
+
+        The n-th wait of the task returns the n-th payload (or ``default`` on
+        timeout with ``on_timeout="default"``); see :meth:`await_input`.
+        """
+        topic = waits.check_name("topic", topic)
+        event_key = waits.check_name("key", key)
+        binding = self.persist
+        ttl = self.await_timeout if timeout is None else timeout
+
+        def index(journal_name: str, suspension_key: str) -> None:
+            limit = ttl if ttl is not None else binding.config.default_timeout
+            waits.index_wait(binding, topic, event_key, journal_name=journal_name, suspension_hash=key_hash(suspension_key), ttl=limit)
+            waits.take_buffered(binding, topic, event_key, suspension_key)
+
+        return self._wait(
+            prompt=None,
+            timeout=ttl,
+            on_timeout=on_timeout,
+            default=default,
+            notify=None,
+            wait="event",
+            details={"topic": topic, "event_key": event_key},
+            on_parked=index,
+        )
+
+    def _wait(
+        self,
+        *,
+        prompt: str | None,
+        timeout: float | None,
+        on_timeout: str,
+        default: Any,
+        notify: Any,
+        wait: str,
+        details: dict[str, Any] | None = None,
+        on_parked: Callable[[str, str], None] | None = None,
+        at_once: bool = False,
+    ) -> Any:
+        """The n-th wait of this run: the n-th recorded input, or park the task for it."""
         req = self.request
         index = getattr(req, "_persist_calls", 0)
         req._persist_calls = index + 1
         inputs = self._journal()["inputs"]
         if index < len(inputs):
             return inputs[index]
+        if at_once:
+            journal.record_input(self.persist, req.id, index, default)
+            self._journal()["inputs"] = [*inputs[:index], default]
+            return default
         state = flow.capture(
             req,
             kind="task",
@@ -129,13 +207,17 @@ class PersistentTask(Task):  # type: ignore[misc]
             default=default,
             prompt=prompt,
         )
+        journal_name = f"await:{req.id}:{index}"
         flow.park(
             self,
             self.persist,
             state,
             prompt=prompt,
-            timeout=self.await_timeout if timeout is None else timeout,
+            timeout=timeout,
             on_timeout=on_timeout,
             notify=notify,
-            journal_name=f"await:{req.id}:{index}",
+            journal_name=journal_name,
+            wait=wait,
+            details=details,
+            on_parked=None if on_parked is None else (lambda key: on_parked(journal_name, key)),
         )

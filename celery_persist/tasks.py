@@ -10,20 +10,22 @@ Resume and cleanup call :func:`celery_persist.flow.resume` and
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from celery import shared_task
 
-from . import flow
-from .errors import AlreadyResumed, InvalidKey, SuspensionCancelled, SuspensionExpired, SuspensionNotFound
+from . import flow, waits
+from .errors import AlreadyResumed, ConfigurationError, InvalidKey, SuspensionCancelled, SuspensionExpired, SuspensionNotFound
 from .hub import WRAPPED_KEY_PREFIX
-from .keys import fingerprint, masked_key
-from .registry import binding_of
+from .keys import fingerprint, key_hash, masked_key
+from .registry import TIMER_TASK, binding_of
 
 if TYPE_CHECKING:
     from celery import Task
 
-__all__ = ["await_input", "resume", "cleanup"]
+__all__ = ["await_input", "resume", "cleanup", "fire_timers", "sleep", "await_event", "signal"]
 
 
 @shared_task(name="celery_persist.await_input", bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -95,6 +97,120 @@ def resume(self: Task, key: str, input: Any = None) -> str:
 def cleanup(self: Task) -> int:
     """Apply timeouts, re-open lapsed leases and prune expired records."""
     return flow.cleanup(binding_of(self.app))
+
+
+@shared_task(name=TIMER_TASK, bind=True, ignore_result=True)
+def fire_timers(self: Task) -> int:
+    """Fire due timers (and every other due record): what the ``celery-persist-timers`` beat entry runs.
+
+    The same pass as ``celery_persist.cleanup``, through the store's due index:
+    with nothing due it is one index read.
+    """
+    return flow.cleanup(binding_of(self.app))
+
+
+@shared_task(name="celery_persist.sleep", bind=True, acks_late=True, reject_on_worker_lost=True)
+def sleep(self: Task, previous: Any = None, *, seconds: float | None = None, until: Any = None) -> Any:
+    """Chain step that waits ``seconds`` (or until ``until``) in the store, then passes ``previous`` on.
+
+    No ETA or countdown message is involved: the flow is parked with its wake
+    time as its timeout, and the ``celery-persist-timers`` beat entry fires it
+    once it is due. A time already past passes ``previous`` on at once.
+
+    Raises:
+        ConfigurationError: Neither or both of ``seconds``/``until``, a naive ``until``, a bad value.
+    """
+    wake_at = waits.wake_time(seconds, until)
+    delay = wake_at - time.time()
+    if delay <= 0:
+        return previous
+    state = flow.capture(self.request, kind="chain", previous=previous, on_timeout="default", default=previous, prompt=None)
+    flow.park(
+        self,
+        binding_of(self.app),
+        state,
+        prompt=None,
+        timeout=delay,
+        on_timeout="default",
+        notify=None,
+        journal_name=f"sleep:{self.request.id}",
+        wait="timer",
+        details={"wake_at": datetime.fromtimestamp(wake_at, tz=timezone.utc).isoformat()},
+    )
+
+
+@shared_task(name="celery_persist.await_event", bind=True, acks_late=True, reject_on_worker_lost=True)
+def await_event(
+    self: Task,
+    *args: Any,
+    key: str | None = None,
+    timeout: float | None = None,
+    on_timeout: str = "fail",
+    default: Any = None,
+    notify: Any = None,
+) -> Any:
+    """Chain step that parks the flow until ``persist.signal(topic, key=key, payload=...)``.
+
+    Called as ``await_event.s(topic, key=...)``: the topic is the last
+    positional argument (a chain puts the previous result before it). The
+    signal's payload becomes the next step's input.
+
+    Args:
+        key: The correlation key (e.g. an order id); with the topic, what a signal names.
+        timeout: Seconds until expiry (None: ``persist_default_timeout``, else never).
+        on_timeout: ``fail`` (FAILURE with AwaitTimeout, errbacks run) or
+            ``default`` (the chain goes on with ``default``).
+        default: The input used when ``on_timeout="default"``.
+        notify: A signature applied with ``(key, info)`` once parked.
+
+    Raises:
+        ConfigurationError: No topic, or a topic or key that is not a string of 1-256 characters.
+    """
+    if not 1 <= len(args) <= 2:
+        raise ConfigurationError("await_event takes the topic as its one positional argument: await_event.s(topic, key=...)")
+    previous = args[0] if len(args) == 2 else None
+    topic = waits.check_name("topic", args[-1])
+    event_key = waits.check_name("key", key)
+    binding = binding_of(self.app)
+    journal_name = f"event:{self.request.id}"
+    state = flow.capture(
+        self.request,
+        kind="chain",
+        previous=previous,
+        on_timeout=on_timeout,
+        default=default,
+        prompt=None,
+        topic=topic,
+        event_key=event_key,
+    )
+
+    def index(suspension_key: str) -> None:
+        ttl = timeout if timeout is not None else binding.config.default_timeout
+        waits.index_wait(binding, topic, event_key, journal_name=journal_name, suspension_hash=key_hash(suspension_key), ttl=ttl)
+        waits.take_buffered(binding, topic, event_key, suspension_key)
+
+    flow.park(
+        self,
+        binding,
+        state,
+        prompt=None,
+        timeout=timeout,
+        on_timeout=on_timeout,
+        notify=notify,
+        journal_name=journal_name,
+        wait="event",
+        details={"topic": topic, "event_key": event_key},
+        on_parked=index,
+    )
+
+
+@shared_task(name="celery_persist.signal", bind=True)
+def signal(self: Task, topic: str, key: str, payload: Any = None, buffer: float | None = None) -> int:
+    """Wake every flow waiting on ``(topic, key)`` with ``payload``; returns how many were woken.
+
+    Any Celery client can send it: ``send_task("celery_persist.signal", args=[topic, key, payload])``.
+    """
+    return waits.signal(binding_of(self.app), topic, key, payload, buffer=buffer)
 
 
 def _mask_key_argument(request: Any, key: Any) -> None:

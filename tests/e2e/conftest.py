@@ -50,6 +50,7 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
         loglevel: str = "INFO",
         encrypted: bool = True,
         store_url: str | None = None,
+        timer_interval: float = 1,
         **broker_options: Any,
     ) -> Stack:
         if store == "postgresql" and (reason := postgres_up()):
@@ -81,6 +82,7 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
             "keys": new_key() if encrypted else None,
             "secret": uuid.uuid4().hex if encrypted else None,
             "loglevel": loglevel,
+            "timer_interval": timer_interval,
         }
         stack = Stack(config, workdir)
         stacks.append(stack)

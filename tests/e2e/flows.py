@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from typing import Any
 
 import redis
@@ -71,8 +72,10 @@ def make_app(config: dict[str, Any]) -> Celery:
         persist_keys=config.get("keys"),
         persist_signing_secret=config.get("secret"),
         persist_encryption="required" if config.get("keys") else "off",
-        # No beat here; the tests run cleanup themselves (in-process and as a task).
+        # No beat in most stacks; the tests run cleanup themselves (in-process and as a task).
+        # Stacks that start a beat (Stack.start_beat) get the timer entry every timer_interval s.
         persist_cleanup_interval=None,
+        persist_timer_interval=config.get("timer_interval", 1),
         persist_task_aliases=config.get("aliases"),
         persist_lease=config.get("lease", 60),
     )
@@ -90,6 +93,25 @@ def make_app(config: dict[str, Any]) -> Celery:
         if tag:
             record(config, tag, value)
         return {"published": value}
+
+    @app.task(shared=False, name="e2e.stamp")
+    def stamp(value: Any, tag: str) -> Any:
+        # When this step started, and with what: timer and event tests check both.
+        record(config, tag, {"value": value, "at": time.time()})
+        return value
+
+    @app.task(shared=False, name="e2e.collect")
+    def collect(values: list[Any], tag: str) -> list[Any]:
+        record(config, tag, values)
+        return values
+
+    @app.task(shared=False, base=PersistentTask, bind=True, acks_late=True, name="e2e.task_waits")
+    def task_waits(self: PersistentTask, tag: str, topic: str, key: str) -> dict[str, Any]:
+        record(config, f"{tag}:runs", self.request.id)
+        self.sleep(1.0)
+        payload = self.await_event(topic, key=key, timeout=120)
+        record(config, tag, {"payload": payload, "at": time.time()})
+        return {"payload": payload}
 
     @app.task(shared=False, name="e2e.on_error")
     def on_error(task_id: str, tag: str) -> None:

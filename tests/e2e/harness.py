@@ -214,6 +214,47 @@ class Worker:
             return "<no worker log>"
 
 
+class Beat:
+    """One ``celery beat`` subprocess for a stack (its own schedule file), leader of its process group."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, name: str) -> None:
+        self.config = config
+        self.log_path = workdir / f"beat-{config['label']}-{name}.log"
+        self.schedule = workdir / f"beat-{config['label']}-{name}.schedule"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env[flows.CONFIG_ENV] = json.dumps(self.config)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env.pop("CELERY_PERSIST_KEYS", None)
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "tests.e2e.worker_app", "beat",
+            "-s", str(self.schedule), "--loglevel", "INFO", "--max-interval", "1",
+        ]  # fmt: skip
+        log = self.log_path.open("ab")
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log.close()
+        # Ready once it logged its start-up banner and the timer entry is scheduled.
+        wait_for(lambda: "beat: Starting..." in self.log(), WORKER_START_TIMEOUT, f"beat {self.log_path.name} to start")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.proc = None
+
+
 # -- a stack: config + app + persist + worker ------------------------------------------------
 
 
@@ -224,6 +265,7 @@ class Stack:
         self.app = flows.make_app(config)
         self.persist = Persist.of(self.app)
         self.worker = Worker(config, workdir / f"worker-{config['label']}.log")
+        self.beats: list[Beat] = []
         self.closed = False
 
     # tasks and signatures, by name: nothing here leans on current_app
@@ -250,6 +292,12 @@ class Stack:
     def start(self) -> None:
         self.worker.start(self.app)
 
+    def start_beat(self, name: str = "beat") -> Beat:
+        beat = Beat(self.config, self.workdir, name)
+        self.beats.append(beat)
+        beat.start()
+        return beat
+
     def close(self) -> None:
         if self.closed:
             return
@@ -257,6 +305,8 @@ class Stack:
         try:
             # Cold: at teardown nothing is running that needs finishing, and a warm
             # shutdown costs seconds per worker.
+            for beat in self.beats:
+                beat.stop()
             self.worker.stop(warm=False)
             if self.config["broker"].startswith("amqp"):
                 # A durable queue outlives the test on RabbitMQ; ours has a unique name.

@@ -71,6 +71,20 @@ EXPECTED: dict[str, list[str]] = {
         r"answer: Saturday in Paris: sunny spells, 72\.5 F, 10% chance of rain: go ahead with the picnic at Parc des Buttes-Chaumont\.",
         r"3 tool calls, 4 executions of the task, 4 policy calls",
     ],
+    "orders": [
+        r"beat started \(pid \d+\): celery-persist-timers every 0\.5 s",
+        r"order A-1 parked: await_event is SUSPENDED, wait 'event', topic 'payment\.settled', key 'A-1', suspension [0-9a-f]{12}",
+        r"operator runs: celery -A examples\.orders\.app persist list --kind event",
+        r"[0-9a-f]{12}  suspended  event .* celery_persist\.await_event +topic=payment\.settled key=A-1",
+        r"persist\.signal\('payment\.settled', 'A-1', \.\.\.\) woke 1 flow\(s\)",
+        r"order A-1 paid, now asleep: sleep is SUSPENDED, wait 'timer', wake_at \d{4}-\d\d-\d\dT[\d:.]+\+00:00",
+        r"order B-2 unpaid: await_event failed with AwaitTimeout",
+        r"the rest of its chain failed with it \(remind: FAILURE\)",
+        r"a late payment for B-2 woke 0 flow\(s\)",
+        r"result: reminder sent for order A-1 \(EUR 42\.00, psp_7731\)",
+        r"reminder ran at [\d:.]+ UTC, \d+\.\d\d s after wake_at",
+        r"beat stopped; queue \S+ is empty and the worker idle",
+    ],
 }
 
 

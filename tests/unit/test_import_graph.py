@@ -112,7 +112,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     # The Celery layer.
     ("registry",),
     ("journal",),
-    ("flow", "handlers"),
+    ("flow", "handlers", "waits"),
     ("task", "tasks"),
     ("persist",),
     ("cli", "demo", "demo_app", "testing"),

@@ -228,6 +228,60 @@ def test_resumer_without_the_keys_is_a_configuration_error(app: Celery, tmp_path
     assert code == os.EX_CONFIG and "no encryption key is configured" in err and "CELERY_PERSIST_KEYS" in err
 
 
+def _park_step(app: Celery, task_name: str, *args: Any, **kwargs: Any) -> str:
+    """Park the step ``task_name`` of ``... | step | t.b`` as a worker would; returns its task id."""
+    task_id = f"parked-{uuid.uuid4().hex[:8]}"
+    task = app.tasks[task_name]
+    task.push_request(
+        id=task_id,
+        task=task_name,
+        root_id=task_id,
+        parent_id=None,
+        group=None,
+        chain=[dict(app.signature("t.b"))],
+        callbacks=None,
+        errbacks=None,
+        delivery_info={},
+        hostname="worker@test",
+        called_directly=False,
+        is_eager=False,
+    )
+    try:
+        with pytest.raises(Ignore):
+            task.run(*args, **kwargs)
+    finally:
+        task.pop_request()
+    return task_id
+
+
+def test_list_kind_filters_real_timer_event_and_input_waits(app: Celery) -> None:
+    persist_, _, _ = _park(app)  # await_input
+    timer_id = _park_step(app, "celery_persist.sleep", 7, seconds=600)
+    event_id = _park_step(app, "celery_persist.await_event", 7, "payment.settled", key="order-42", timeout=600)
+    wake_at = app.backend.get_task_meta(timer_id)["result"]["wake_at"]
+    code, out, _ = app_run(app, "list", "--json")
+    assert code == 0 and sorted(r["wait"] for r in json.loads(out)) == ["event", "input", "timer"]
+    rows = {kind: json.loads(app_run(app, "list", "--kind", kind, "--json")[1]) for kind in ("input", "timer", "event")}
+    assert [(r["task_id"], r["prompt"], r["wake_at"], r["topic"], r["event_key"]) for r in rows["input"]] == [
+        (r["task_id"], "approve?", None, None, None) for r in rows["input"]
+    ]
+    assert len(rows["input"]) == 1
+    assert [(r["task_id"], r["wait"], r["wake_at"], r["topic"]) for r in rows["timer"]] == [(timer_id, "timer", wake_at, None)]
+    assert [(r["task_id"], r["wait"], r["topic"], r["event_key"], r["wake_at"]) for r in rows["event"]] == [
+        (event_id, "event", "payment.settled", "order-42", None)
+    ]
+    code, out, _ = app_run(app, "list", "--kind", "timer")
+    assert code == 0 and len(out.splitlines()) == 2 and "WAIT" in out.splitlines()[0]
+    assert " timer " in out and f"wake_at={wake_at}" in out and "payment.settled" not in out
+    code, out, _ = app_run(app, "list", "--kind", "event")
+    assert " event " in out and "topic=payment.settled key=order-42" in out and "wake_at" not in out
+    code, out, _ = app_run(app, "show", rows["event"][0]["fingerprint"])
+    assert code == 0 and "wait:" in out and "topic:" in out and "order-42" in out and "wake_at:" not in out
+    doc = json.loads(app_run(app, "show", rows["timer"][0]["fingerprint"], "--json")[1])
+    assert (doc["wait"], doc["wake_at"], doc["topic"]) == ("timer", wake_at, None)
+    assert persist_.hub.stats()["suspensions"] == {"suspended": 3}
+
+
 # -- the standalone command ---------------------------------------------------------------------------
 
 
@@ -313,3 +367,34 @@ def test_a_quoted_key_says_it_is_quoted(env: dict[str, str], monkeypatch: pytest
         Keyring.from_env()
     monkeypatch.setenv(name, value.format(b64=b64).replace('"', "").replace("'", ""))
     assert Keyring.from_env() is not None  # the same value unquoted is a good key
+
+
+def test_standalone_list_and_show_say_what_each_flow_waits_for(env: dict[str, str]) -> None:
+    hub = _hub(env["url"], env["keys"])
+    legacy = hub.suspend(1, ttl=600, metadata={"prompt": "approve?", "task": "celery_persist.await_input"})  # no `wait`: input
+    wake_at = "2031-05-06T07:08:09.123456+00:00"
+    timer = hub.suspend(2, ttl=600, metadata={"task": "celery_persist.sleep", "wait": "timer", "wake_at": wake_at})
+    event = hub.suspend(
+        3, ttl=600, metadata={"task": "celery_persist.await_event", "wait": "event", "topic": "payment.settled", "event_key": "A-1"}
+    )
+    fps = {name: key_hash(k)[:12] for name, k in (("input", legacy), ("timer", timer), ("event", event))}
+    for kind, fp in fps.items():
+        code, out, _ = run("list", "--kind", kind, "--json")
+        assert code == 0 and [(r["fingerprint"], r["wait"]) for r in json.loads(out)] == [(fp, kind)], kind
+    by_fp = {r["fingerprint"]: r for r in json.loads(run("list", "--json")[1])}
+    assert by_fp[fps["input"]]["prompt"] == "approve?" and by_fp[fps["input"]]["wake_at"] is None
+    assert by_fp[fps["timer"]]["wake_at"] == wake_at and by_fp[fps["timer"]]["topic"] is None
+    assert (by_fp[fps["event"]]["topic"], by_fp[fps["event"]]["event_key"]) == ("payment.settled", "A-1")
+    code, out, _ = run("list")
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert lines[fps["input"]].split()[2] == "input" and lines[fps["input"]].endswith("approve?")
+    assert lines[fps["timer"]].split()[2] == "timer" and lines[fps["timer"]].endswith(f"wake_at={wake_at}")
+    assert lines[fps["event"]].split()[2] == "event" and lines[fps["event"]].endswith("topic=payment.settled key=A-1")
+    assert run("list", "--kind", "event", "--status", "resumed") == (0, "no suspensions\n", "")
+    code, _, err = run("list", "--kind", "nap")
+    assert code == 2 and "input" in err and "timer" in err and "event" in err
+    code, out, _ = run("show", fps["timer"])
+    assert code == 0 and "wait:                timer" in out and f"wake_at:             {wake_at}" in out and "topic:" not in out
+    doc = json.loads(run("show", fps["event"], "--json")[1])
+    assert (doc["wait"], doc["topic"], doc["event_key"], doc["wake_at"]) == ("event", "payment.settled", "A-1", None)
+    assert json.loads(run("show", legacy, "--json")[1])["wait"] == "input"
