@@ -23,6 +23,7 @@ from .errors import (
     ConfigurationError,
     EncryptionError,
     IntegrityError,
+    InvalidInput,
     InvalidKey,
     PersistenceError,
     SerializationError,
@@ -72,6 +73,7 @@ __all__ = [
     "StoreUnavailable",
     "StateTooLarge",
     "AwaitTimeout",
+    "InvalidInput",
 ]
 
 _LAZY = {"Persist": "persist", "PersistentTask": "task", "await_input": "tasks", "sleep": "tasks", "await_event": "tasks"}

@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import click
@@ -41,6 +41,7 @@ from .errors import (
     AlreadyResumed,
     ConfigurationError,
     EncryptionError,
+    InvalidInput,
     InvalidKey,
     PersistenceError,
     StoreUnavailable,
@@ -49,6 +50,7 @@ from .errors import (
     SuspensionNotFound,
 )
 from .hub import PersistenceHub, Suspension
+from .keys import key_hash
 from .registry import Binding, binding_of
 from .stores import open_store
 from .stores.base import Kind
@@ -57,7 +59,7 @@ from .waits import WAITS
 __all__ = ["persist", "main"]
 
 _EXIT = (
-    (InvalidKey, os.EX_DATAERR),
+    ((InvalidKey, InvalidInput), os.EX_DATAERR),
     (SuspensionNotFound, os.EX_NOINPUT),
     ((AlreadyResumed, SuspensionExpired, SuspensionCancelled), 1),
     (StoreUnavailable, os.EX_UNAVAILABLE),
@@ -96,6 +98,9 @@ def _errors() -> Iterator[None]:
         for cls, code in _EXIT:
             if isinstance(exc, cls):
                 click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
+                if isinstance(exc, InvalidInput):
+                    for problem in exc.errors:
+                        click.echo(f"  {'.'.join(map(str, problem['loc'])) or 'input'}: {problem['msg']}", err=True)
                 if isinstance(exc, EncryptionError):
                     click.echo("hint: set CELERY_PERSIST_KEYS (or persist_keys) to the keys the workers use", err=True)
                 sys.exit(code)
@@ -104,6 +109,10 @@ def _errors() -> Iterator[None]:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def _when(ts: Any) -> datetime | None:
+    return datetime.fromtimestamp(ts, tz=timezone.utc) if isinstance(ts, int | float) else None
 
 
 def _wait_of(s: Suspension) -> str:
@@ -289,8 +298,9 @@ def list_cmd(ops: _Ops, status: str | None, kind: str | None, older_than: float 
 @click.argument("key")
 @click.option("--reveal-state", is_flag=True, help="Also print the (decrypted) state; needs the key, not a fingerprint.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--history", "with_history", is_flag=True, help="Also print its audit history (suspended, denied, approved, resumed...).")
 @click.pass_obj
-def show_cmd(ops: _Ops, key: str, reveal_state: bool, as_json: bool) -> None:
+def show_cmd(ops: _Ops, key: str, reveal_state: bool, as_json: bool, with_history: bool) -> None:
     """Show one suspension: status, what it waits for, times, task and chain, last checkpoint.
 
     KEY is the suspension key, or its fingerprint as `list` prints it (any
@@ -313,6 +323,20 @@ def show_cmd(ops: _Ops, key: str, reveal_state: bool, as_json: bool) -> None:
     doc["root_id"] = md.get("root_id")
     doc["chain"] = md.get("chain_tasks") or []
     doc["on_timeout"] = md.get("on_timeout")
+    kh = key_hash(ops.hub.unwrap_key(key)) if prefix is None else _key_hash(ops.hub, prefix)
+    if md.get("schema") is not None:
+        doc["schema"] = md.get("schema")
+    if md.get("approvals") is not None or md.get("approvers") is not None:
+        with _errors():
+            done = ops.hub.approvals(kh)
+        doc["approvals"] = {
+            "needed": md.get("approvals", 1),
+            "approvers": md.get("approvers"),
+            "done": [{"by": a.get("by"), "at": _iso(_when(a.get("at")))} for a in done],
+        }
+    if with_history:
+        with _errors():
+            doc["history"] = [{**h, "at": _iso(_when(h.get("at")))} for h in ops.hub.history_of(kh)]
     if md.get("kind") == "task" and md.get("task_id"):
         record = ops.hub.checkpoint_record(journal.name_of(str(md["task_id"])))
         if record is not None:
@@ -326,8 +350,14 @@ def show_cmd(ops: _Ops, key: str, reveal_state: bool, as_json: bool) -> None:
     for name, value in doc.items():
         if name in ("wake_at", "topic", "event_key") and value is None:
             continue  # another kind of wait's detail
-        if name == "state":
+        if name in ("state", "schema", "approvals"):
             value = json.dumps(value, default=str)
+        if name == "history":
+            click.echo("history:")
+            for h in value:
+                extra = " ".join(f"{k}={h[k]}" for k in ("by", "reason") if h.get(k))
+                click.echo(f"  {h['at']}  {h['event']:<10} {extra}".rstrip())
+            continue
         click.echo(f"{name + ':':<20} {value if value not in (None, []) else '-'}")
 
 
@@ -393,7 +423,7 @@ def stats_cmd(ops: _Ops, as_json: bool) -> None:
     for status, count in sorted(doc["suspensions"].items()):
         click.echo(f"{status + ':':<14} {count}")
     click.echo(f"{'checkpoints:':<14} {doc['checkpoints']}")
-    click.echo(f"{'internal:':<14} {doc['internal']} (park journals, dispatch records)")
+    click.echo(f"{'internal:':<14} {doc['internal']} (park journals, dispatch records, history, indexes)")
     age = doc["oldest_suspended_age"]
     click.echo(f"{'oldest:':<14} {'-' if age is None else f'{age:.0f} s'}")
     health = doc["health"]
@@ -467,8 +497,9 @@ def persist(ctx: click.Context) -> None:
 @click.option("--input", "input_json", metavar="JSON", help="The resume input, as JSON.")
 @click.option("--input-file", type=click.Path(dir_okay=False, allow_dash=True), help="Read the JSON input from a file (- for stdin).")
 @click.option("--null", "null", is_flag=True, help="Resume with null as the input.")
+@click.option("--by", "by", metavar="NAME", help="Who approves (a suspension that waits for approvals).")
 @click.pass_obj
-def resume_cmd(ops: _Ops, key: str, input_json: str | None, input_file: str | None, null: bool) -> None:
+def resume_cmd(ops: _Ops, key: str, input_json: str | None, input_file: str | None, null: bool, by: str | None) -> None:
     """Resume a parked flow with an input: one of --input, --input-file or --null.
 
     KEY must be the suspension key: a fingerprint does not resume.
@@ -478,8 +509,12 @@ def resume_cmd(ops: _Ops, key: str, input_json: str | None, input_file: str | No
     value = _read_input(input_json, input_file, null)
     assert ops.binding is not None
     with _errors():
-        result = flow.resume(ops.binding, key, value)
-    click.echo(f"resumed; continuation task id {result.id}")
+        # The input is checked against the suspension's schema here, before any claim.
+        result = flow.resume(ops.binding, key, value, by=by)
+    if result is None:
+        click.echo(f"approval by {by} recorded; more approvals are needed")
+    else:
+        click.echo(f"resumed; continuation task id {result.id}")
 
 
 for _cmd in (*_SHARED, resume_cmd):

@@ -85,6 +85,18 @@ def _aliases(v: Any) -> dict[str, str]:
     return dict(v)
 
 
+def _tokens(v: Any) -> tuple[str, ...]:
+    if v in (None, ""):
+        return ()
+    items = v.split(",") if isinstance(v, str) else v
+    if not isinstance(items, list | tuple) or not all(isinstance(t, str) for t in items):
+        raise ConfigurationError("must be a list of bearer tokens (or one comma-separated string)")
+    tokens = tuple(t.strip() for t in items if t.strip())
+    if any(len(t) < 16 for t in tokens):
+        raise ConfigurationError("bearer tokens must be at least 16 characters long (make one with: celery-persist keygen)")
+    return tokens
+
+
 def _choice(*allowed: str) -> Callable[[Any], str]:
     def parse(v: Any) -> str:
         if v not in allowed:
@@ -163,6 +175,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("persist_key_in_result", True, _bool, "Put the suspension key in the result backend's info dict."),
     Setting("persist_send_events", True, _bool, "Send `task-suspended` / `task-resumed` events (Flower shows SUSPENDED)."),
+    Setting(
+        "persist_history",
+        True,
+        _bool,
+        "Keep each suspension's audit history (suspended, denied, approved, resumed...) beside it, for the inbox and `show --history`.",
+    ),
+    Setting("persist_web_tokens", None, _tokens, "Bearer tokens of `celery persist serve`'s inbox and API (list, or comma-separated)."),
+    Setting("persist_web_base_url", "http://127.0.0.1:8080", _str, "Where `celery persist serve` is reached: the start of `resume_url` links."),
+    Setting("persist_link_ttl", 7 * 86400, _opt_float, "Seconds a `resume_url` link works when no `ttl` is given (None: as long as the flow)."),
     Setting("persist_metrics", False, _bool, "Count suspends, resumes and expiries in Prometheus metrics (extra `metrics`)."),
     Setting(
         "persist_task_aliases",
@@ -207,6 +228,10 @@ class PersistConfig:
     timer_interval: float | None = _default("timer_interval")
     key_in_result: bool = _default("key_in_result")
     send_events: bool = _default("send_events")
+    history: bool = _default("history")
+    web_tokens: tuple[str, ...] = field(default=_default("web_tokens"), repr=False)
+    web_base_url: str = _default("web_base_url")
+    link_ttl: float | None = _default("link_ttl")
     metrics: bool = _default("metrics")
     task_aliases: Mapping[str, str] = field(default_factory=lambda: _default("task_aliases"))
 
@@ -281,7 +306,8 @@ class PersistConfig:
 
     def describe(self) -> dict[str, Any]:
         """Settings safe to show (no secrets, masked URL)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("keys", "signing_secret")}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("keys", "signing_secret", "web_tokens")}
+        out["web_tokens"] = f"{len(self.web_tokens)} set" if self.web_tokens else None
         out["store_url"] = mask_url(self.store_url)
         out["store_options"] = mask_options(self.store_options)
         out["keys"] = "set" if self.keys else None

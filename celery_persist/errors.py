@@ -16,6 +16,7 @@
       SuspensionExpired
       SuspensionCancelled
       AwaitTimeout                   stored as the awaiting task's failure
+      InvalidInput                   a resume input its schema refuses, a bad approver; ``.errors``
 
 Constructors take the message first and everything else keyword-only, because
 Celery's result backend rebuilds a stored exception as ``cls(*args)``.
@@ -27,6 +28,8 @@ resume. Messages name the problem and the fix, never state, inputs or keys.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "PersistenceError",
@@ -43,6 +46,7 @@ __all__ = [
     "SuspensionExpired",
     "SuspensionCancelled",
     "AwaitTimeout",
+    "InvalidInput",
 ]
 
 
@@ -128,3 +132,29 @@ class SuspensionCancelled(PersistenceError):
 
 class AwaitTimeout(PersistenceError):
     """An ``await_input`` step timed out; stored as the awaiting task's failure."""
+
+
+class InvalidInput(PersistenceError):
+    """A resume input that the suspension's schema refuses, or an approver it does not accept.
+
+    Raised before any claim: the flow stays suspended and the same key can be
+    resumed again with good input.
+
+    Attributes:
+        errors: One ``{"loc": [path parts], "msg": str}`` per problem, in the
+            order found (``loc`` is empty for the input as a whole). Messages
+            name fields and constraints, never the values given.
+    """
+
+    def __init__(
+        self, message: str = "", *, key: str | None = None, store: str | None = None, errors: list[dict[str, Any]] | None = None
+    ) -> None:
+        super().__init__(message, key=key, store=store)
+        self.errors = list(errors or [])
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_invalid_input, (self.message, self.key, self.store, self.errors))
+
+
+def _rebuild_invalid_input(message: str, key: str | None, store: str | None, errors: list[dict[str, Any]]) -> InvalidInput:
+    return InvalidInput(message, key=key, store=store, errors=errors)

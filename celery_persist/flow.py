@@ -49,6 +49,8 @@ from . import journal, tracing
 from .errors import AlreadyResumed, AwaitTimeout, ConfigurationError, SuspensionCancelled, SuspensionExpired, SuspensionNotFound
 from .hub import PersistenceHub, Suspension
 from .keys import fingerprint, key_hash, masked_key, now_ms
+from .schemas import MAX_SCHEMA_BYTES, to_json_schema
+from .stores.base import dump_metadata as dump_json
 from .registry import Binding
 from .retry import with_store_retry
 
@@ -269,6 +271,35 @@ def park(
     raise Parked()
 
 
+def people_details(schema: Any, approvals: Any, approvers: Any) -> dict[str, Any]:
+    """The clear metadata of an input wait's schema and approvals, checked; empty when there are none.
+
+    Raises:
+        ConfigurationError: A schema that is not a JSON Schema, an approvals count
+            that is not a positive integer, approvers that are not distinct
+            non-empty strings, or more approvals than approvers.
+    """
+    details: dict[str, Any] = {}
+    json_schema = to_json_schema(schema)
+    if json_schema is not None:
+        if len(dump_json(json_schema)) > MAX_SCHEMA_BYTES:
+            raise ConfigurationError(f"schema= is larger than {MAX_SCHEMA_BYTES} bytes once encoded")
+        details["schema"] = json_schema
+    if isinstance(approvals, bool) or not isinstance(approvals, int) or approvals < 1:
+        raise ConfigurationError(f"approvals= must be a positive integer, not {approvals!r}")
+    if approvers is not None:
+        if not isinstance(approvers, list | tuple) or not all(isinstance(a, str) and a.strip() for a in approvers):
+            raise ConfigurationError("approvers= must be a list of non-empty strings")
+        if len(set(approvers)) != len(approvers):
+            raise ConfigurationError("approvers= lists someone twice")
+        if approvals > len(approvers):
+            raise ConfigurationError(f"approvals={approvals} can never be reached by {len(approvers)} approvers")
+        details["approvers"] = list(approvers)
+    if approvals > 1 or approvers is not None:
+        details["approvals"] = approvals
+    return details
+
+
 def _check_parallel(task: Task, request: Any) -> None:
     """Refuse, at park time, what a parked group or chord member could not report to.
 
@@ -326,6 +357,9 @@ def _store_park(
         "chain_tasks": chain_tasks,
         "on_timeout": on_timeout,
         "wait": wait,
+        # The park journal's name (a task id, not secret): how the holder of the keys
+        # finds this suspension's key again (resume by fingerprint, resume links, signals).
+        "journal": journal_name,
         **(details or {}),
     }
     hub.suspend(dict(state), ttl=ttl, metadata=metadata, key=key)
@@ -640,17 +674,21 @@ def revoke_flow(binding: Binding, suspension: Suspension) -> None:
     _send_event(binding, "task-revoked", task_id, terminated=False, signum=None, expired=False)
 
 
-def resume(binding: Binding, key: str, input: Any) -> AsyncResult:
+def resume(binding: Binding, key: str, input: Any, *, by: str | None = None) -> AsyncResult | None:
     """Claim ``key`` in this process and send its flow on with ``input``.
 
     The claim is completed once the continuation is sent (retrying through a
     brief store outage), and released (the suspension is resumable again) if
-    sending raises.
+    sending raises. A suspension that waits for several approvals records
+    ``by``'s and returns None until the last one, which sends the flow on with
+    the list of approvals.
     """
     hub = binding.ready()
-    suspension = hub.claim(key, input)
+    suspension = hub.claim(key, input, by=by)
+    if suspension.claim_token is None:
+        return None  # an approval was recorded; more are needed
     token = suspension.claim_token
-    assert token is not None  # a claim always has one
+    input = suspension.input
     if suspension.metadata.get("wait") == "timer":
         hub.release(key, token=token)
         raise ConfigurationError("a sleeping flow is not resumed by key: its timer fires at wake_at (cancel it to stop the flow)")

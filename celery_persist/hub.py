@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import json
 import logging
 import math
 import os
@@ -51,6 +52,7 @@ from .errors import (
     ConfigurationError,
     EncryptionError,
     IntegrityError,
+    InvalidInput,
     InvalidKey,
     PersistenceError,
     SerializationError,
@@ -59,10 +61,11 @@ from .errors import (
     SuspensionNotFound,
 )
 from .keys import derive_suspension_key, fingerprint, key_hash, new_suspension_key, validate_key
+from .schemas import validate
 from .serializer import DEFAULT_MAX_STATE_SIZE, StateSerializer
 from .stores.base import KEEP, BaseStore, Keep, Kind, Page, Status, StoredRecord, dump_metadata
 
-__all__ = ["PersistenceHub", "Suspension", "WRAPPED_KEY_PREFIX"]
+__all__ = ["PersistenceHub", "Suspension", "WRAPPED_KEY_PREFIX", "link_fingerprint"]
 
 logger = logging.getLogger(__name__)
 audit_logger = logging.getLogger("celery_persist.audit")
@@ -71,6 +74,9 @@ _AAD_PREFIX = b"celery-persist/record/v1\0"
 WRAPPED_KEY_PREFIX = _WRAP_PREFIX = "p1w."
 _FIELDS_PREFIX = b"celery-persist/record-fields/v1\0"
 _WRAP_AAD = b"celery-persist/wrapped-key/v1"
+#: Resume-link tokens: AES-GCM under the key-wrap secrets, with their own associated data.
+_LINK_PREFIX = "l1."
+_LINK_AAD = b"celery-persist/resume-link/v1"
 _warned_plaintext = False
 #: Hex characters of :meth:`PersistenceHub.index_prefix` (96 bits); the other 40 of an indexed key hash tell records apart.
 INDEX_PREFIX_LEN = 24
@@ -93,6 +99,23 @@ def _checked_ttl(ttl: float | None) -> float | None:
     if not math.isfinite(value) or value < 0 or value > MAX_TTL:
         raise ConfigurationError(f"ttl must be between 0 and {MAX_TTL:.0f} seconds (100 years), or None for never; got {ttl!r}")
     return value
+
+
+def link_fingerprint(token: str) -> str:
+    """A short, non-secret name for a resume-link token (what logs and errors show)."""
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:12]
+
+
+def _quorum(metadata: Mapping[str, Any]) -> tuple[int, tuple[str, ...] | None] | None:
+    """``(approvals needed, allowed approvers or None)`` for a suspension that waits for approvals, else None."""
+    needed = metadata.get("approvals")
+    approvers = metadata.get("approvers")
+    if not isinstance(needed, int) or isinstance(needed, bool):
+        needed = 1
+    allowed = tuple(str(a) for a in approvers) if isinstance(approvers, list | tuple) else None
+    if needed <= 1 and allowed is None:
+        return None
+    return max(needed, 1), allowed
 
 
 def _utc(ts: float | None) -> datetime | None:
@@ -134,6 +157,8 @@ class Suspension:
     created_at: datetime | None = None
     expires_at: datetime | None = None
     status: str = Status.SUSPENDED.value
+    #: The record's key hash (what stores index it by; not secret, and no key can be made from it).
+    key_hash: str = ""
     #: Set by :meth:`PersistenceHub.claim`: what :meth:`~PersistenceHub.complete` and
     #: :meth:`~PersistenceHub.release` need, so only the claim holder can finish it.
     claim_token: int | None = None
@@ -182,8 +207,12 @@ class PersistenceHub:
         retention: float = 7 * 86400.0,
         clock: Callable[[], float] = time.time,
         observer: Callable[[str, str, dict[str, Any]], None] | None = None,
+        history: bool = False,
     ) -> None:
         self.observer = observer
+        #: Keep an audit history beside each suspension (suspended, denied, approved, claimed,
+        #: resumed, cancelled, expired): one more write per event, read by the inbox and `show --history`.
+        self.history = history
         self.store = store
         if signing_secret is None:
             signing_secret = secrets_from_env().signing_secret
@@ -380,6 +409,7 @@ class PersistenceHub:
             created_at=_utc(rec.created_at),
             expires_at=_utc(rec.expires_at),
             status=status.value,
+            key_hash=rec.key_hash,
         )
 
     # -- suspensions -----------------------------------------------------------------------
@@ -414,8 +444,14 @@ class PersistenceHub:
         now = self.clock()
         expires = now + ttl if ttl else None
         fp = fingerprint(key)
+        if self.history:
+            metadata = {**(metadata or {}), "history": True}
+        if _quorum(metadata or {}) is not None:
+            # Approvals are kept in a record of their own, which must exist before the first one.
+            self.save_checkpoint(self.approvals_name(key_hash(key)), [], ttl=(ttl + self.retention) if ttl else None)
         rec = self._build(key_hash(key), Kind.SUSPENSION, Status.SUSPENDED, state, metadata, now, expires, fp)
         self.store.put(rec)
+        self._history(rec.key_hash, "suspended")
         wait = str((metadata or {}).get("wait", "input"))
         self._audit("suspend", fp, "ok", seconds=time.perf_counter() - started, size=len(rec.blob), wait=wait)
         return key
@@ -674,7 +710,7 @@ class PersistenceHub:
             self._audit(action, fp, f"denied:{type(err).__name__}")
             raise err
 
-    def claim(self, key: str, input: Any = None, *, lease: float | None = None) -> Suspension:
+    def claim(self, key: str, input: Any = None, *, lease: float | None = None, by: str | None = None) -> Suspension:
         """Take the exclusive right to resume ``key`` for ``lease`` seconds.
 
         Follow with :meth:`complete` once the continuation is dispatched, or
@@ -690,16 +726,23 @@ class PersistenceHub:
             EncryptionError: The state does not open with the configured keys.
             StoreUnavailable: The store cannot be reached.
         """
-        return self._take(key, input, Status.CLAIMED, lease or self.lease)
+        return self._take(key, input, Status.CLAIMED, lease or self.lease, by)
 
-    def _take(self, key: str, input: Any, to: Status, hold: float) -> Suspension:
-        """Read, authenticate and move ``key`` from suspended to ``to`` in one compare-and-set."""
+    def _take(self, key: str, input: Any, to: Status, hold: float, by: str | None = None) -> Suspension:
+        """Read, authenticate and move ``key`` from suspended to ``to`` in one compare-and-set.
+
+        The input is checked against the suspension's schema first; a suspension
+        that waits for several approvals records one (see :meth:`_approve`).
+        """
         started = time.perf_counter()
         key = self.unwrap_key(key)
         fp = self._check_key(key, "resume")
         now = self.clock()
         rec = self._get(key, fp, "resume")
-        self._refuse(rec, fp, now, "resume")
+        self._refuse_recorded(rec, fp, now, by)
+        self._check_input(rec, fp, input, by)
+        if _quorum(rec.metadata) is not None:
+            return self._approve(rec, key, fp, input, by, to, hold, started)
         # Open before claiming: a blob that fails to authenticate must not use up the claim.
         state = self._open_record(rec, fp)
         moved = self._move(rec, to, due=now + hold, now=now)
@@ -708,10 +751,225 @@ class PersistenceHub:
             raise AssertionError("unreachable")  # _lost_race always raises
         # The same audit trail (and metrics) as claim + complete, though only one write happened.
         self._audit("claim", fp, "granted", seconds=time.perf_counter() - started, size=len(rec.blob))
+        self._history(rec.key_hash, "claimed" if to is Status.CLAIMED else "resumed", by=by)
         if to is Status.RESUMED:
             self._audit("resume", fp, "ok")
         view = self._view(moved, key, state=state, input=input)
         return dataclasses.replace(view, claim_token=moved.version if to is Status.CLAIMED else None)
+
+    # -- people: typed input, approvals, history, resume links ------------------------------
+
+    def _refuse_recorded(self, rec: StoredRecord, fp: str, now: float, by: str | None) -> None:
+        """:meth:`_refuse`, with the refusal also written to the suspension's history."""
+        try:
+            self._refuse(rec, fp, now, "resume")
+        except PersistenceError as exc:
+            self._history(rec.key_hash, "denied", by=by, reason=type(exc).__name__)
+            raise
+
+    def _check_input(self, rec: StoredRecord, fp: str, input: Any, by: str | None) -> None:
+        """Refuse (before any claim) an input its schema rejects, or an approver the suspension does not accept."""
+        try:
+            quorum = _quorum(rec.metadata)
+            if quorum is not None:
+                if not isinstance(by, str) or not by.strip():
+                    raise InvalidInput(
+                        "this suspension waits for approvals: say who approves with by=", key=fp, errors=[{"loc": ["by"], "msg": "field required"}]
+                    )
+                approvers = quorum[1]
+                if approvers is not None and by not in approvers:
+                    raise InvalidInput("this identity is not one of the suspension's approvers", key=fp, errors=[{"loc": ["by"], "msg": "not an approver"}])
+            schema = rec.metadata.get("schema")
+            validate(schema if isinstance(schema, Mapping) else None, input, key=fp)
+        except InvalidInput as exc:
+            exc.store = self.store.name
+            self._audit("resume", fp, "denied:InvalidInput")
+            self._history(rec.key_hash, "denied", by=by, reason="InvalidInput")
+            raise
+
+    @staticmethod
+    def approvals_name(kh: str) -> str:
+        """The checkpoint that holds the approvals given so far to suspension ``kh`` (sealed)."""
+        return f"approvals:{kh}"
+
+    def approvals(self, kh: str) -> list[dict[str, Any]]:
+        """The approvals recorded for suspension ``kh``: ``[{"by", "input", "at"}, ...]`` in arrival order."""
+        recorded = self.load_checkpoint(self.approvals_name(kh), [])
+        return list(recorded) if isinstance(recorded, list) else []
+
+    def _approve(self, rec: StoredRecord, key: str, fp: str, input: Any, by: str | None, to: Status, hold: float, started: float) -> Suspension:
+        """Record ``by``'s approval; the one that completes the quorum claims the suspension.
+
+        The approvals live in their own sealed record, changed only by approvers,
+        with a compare-and-set on its blob: of concurrent approvers each is either
+        recorded once or told why not, and exactly one of them adds the N-th
+        approval. That one then claims the suspension (the usual compare-and-set)
+        with the list of ``{"by", "input"}`` as the input. An approver who finds
+        the quorum complete but the suspension still waiting (its completer
+        died in between) claims it on the completer's behalf.
+
+        Returns:
+            The claimed suspension (``input`` = the approvals), or, when more
+            approvals are needed (or the quorum was sent on by someone else),
+            a view without a claim token.
+        """
+        assert by is not None
+        needed = _quorum(rec.metadata)[0]  # type: ignore[index]
+        name = self.approvals_name(rec.key_hash)
+        for _ in range(64):
+            entry = self.checkpoint_record(name)
+            done = self.approvals(rec.key_hash)
+            if len(done) >= needed:
+                if not any(a.get("by") == by for a in done):
+                    last = max((a.get("at") or 0.0 for a in done), default=0.0)
+                    if self.clock() - float(last) > self.lease:
+                        # The approver who completed the quorum did not claim it within a lease
+                        # (it died in between): send the flow on for the quorum, on its behalf.
+                        claimed = self._finish_quorum(rec, key, fp, done, to, hold, started, by=None)
+                        if claimed is not None:
+                            return claimed
+                    self._audit("resume", fp, "denied:AlreadyResumed")
+                    self._history(rec.key_hash, "denied", by=by, reason="AlreadyResumed")
+                    raise AlreadyResumed("the approvals this suspension waited for are complete", key=fp, store=self.store.name)
+            if any(a.get("by") == by for a in done):
+                self._audit("resume", fp, "denied:AlreadyResumed")
+                self._history(rec.key_hash, "denied", by=by, reason="AlreadyResumed")
+                raise AlreadyResumed("this identity has already approved", key=fp, store=self.store.name)
+            updated = [*done, {"by": by, "input": input, "at": self.clock()}]
+            if entry is None or not self._swap_state(entry, updated):
+                continue  # another approver changed the list first: read it again
+            self._audit("approve", fp, "ok", by_count=len(updated))
+            self._history(rec.key_hash, "approved", by=by)
+            if len(updated) < needed:
+                return self._view(rec, key)
+            claimed = self._finish_quorum(rec, key, fp, updated, to, hold, started, by=by)
+            if claimed is None:
+                latest = self.store.get(rec.key_hash)
+                if latest is not None and latest.status in (Status.CLAIMED, Status.RESUMED):
+                    return self._view(rec, key)  # sent on for this quorum meanwhile: the approval counted
+                self._refuse(self._verify(latest, fp) if latest is not None else rec, fp, self.clock(), "resume")
+                raise AlreadyResumed("the suspension was taken before the last approval", key=fp, store=self.store.name)
+            return claimed
+        raise AlreadyResumed("too many concurrent approvals; try again", key=fp, store=self.store.name)
+
+    def _finish_quorum(
+        self, rec: StoredRecord, key: str, fp: str, done: list[dict[str, Any]], to: Status, hold: float, started: float, *, by: str | None
+    ) -> Suspension | None:
+        """Claim the suspension for a complete quorum; None if it was no longer suspended."""
+        latest = self.store.get(rec.key_hash)
+        if latest is None:
+            return None
+        latest = self._verify(latest, fp)
+        if latest.status is not Status.SUSPENDED:
+            return None
+        now = self.clock()
+        self._refuse_recorded(latest, fp, now, by)
+        state = self._open_record(latest, fp)
+        moved = self._move(latest, to, due=now + hold, now=now)
+        if moved is None:
+            return None
+        value = [{"by": a.get("by"), "input": a.get("input")} for a in done[: _quorum(rec.metadata)[0]]]  # type: ignore[index]
+        self._audit("claim", fp, "granted", seconds=time.perf_counter() - started, size=len(latest.blob))
+        self._history(rec.key_hash, "claimed" if to is Status.CLAIMED else "resumed", by=by)
+        if to is Status.RESUMED:
+            self._audit("resume", fp, "ok")
+        view = self._view(moved, key, state=state, input=value)
+        return dataclasses.replace(view, claim_token=moved.version if to is Status.CLAIMED else None)
+
+    def _swap_state(self, rec: StoredRecord, state: Any) -> bool:
+        """Replace ``rec``'s state (same metadata) if its blob is still the one read: a compare-and-set."""
+        aad = self._aad(rec.key_hash, rec.kind, rec.metadata)
+        blob = self._seal(self.serializer.dumps(state), aad)
+        version = rec.version + 1
+        seal = self._seal_of(rec.replace(blob=blob), version=version)
+        return self.store.replace_blob(rec.key_hash, rec.blob, blob, now=self.clock(), version=version, seal=seal)
+
+    def _history(self, kh: str, event: str, *, by: str | None = None, reason: str | None = None) -> None:
+        """Keep one audit entry beside suspension ``kh`` (when the hub keeps history): what the inbox shows.
+
+        Entries name identities and reasons, never keys or inputs. A failure to
+        write one is logged, never raised: history must not break a resume.
+        """
+        if not self.history:
+            return
+        tail = format(time.time_ns() // 1000, "014x")[-14:] + secrets.token_hex(13)
+        try:
+            self.save_indexed(
+                self.index_prefix("history", kh) + tail,
+                {"at": self.clock(), "event": event, "by": by, "reason": reason},
+                ttl=None,
+                metadata={"index": "history"},
+            )
+        except PersistenceError:
+            logger.warning("celery-persist: could not write a history entry for suspension %s", kh[:12], exc_info=True)
+
+    def history_of(self, kh: str) -> list[dict[str, Any]]:
+        """The history entries kept beside suspension ``kh``, oldest first."""
+        return [state for _, state in self.indexed(self.index_prefix("history", kh)) if isinstance(state, dict)]
+
+    def drop_companions(self, rec: StoredRecord) -> None:
+        """Delete what is kept beside a suspension that is being pruned: history, approvals, event index."""
+        if rec.kind is not Kind.SUSPENSION or rec.poisoned is not None:
+            return
+        if rec.metadata.get("history"):
+            for entry, _ in list(self.indexed(self.index_prefix("history", rec.key_hash))):
+                self.store.delete(entry.key_hash)
+        if _quorum(rec.metadata) is not None:
+            self.delete_checkpoint(self.approvals_name(rec.key_hash))
+        topic, key = rec.metadata.get("topic"), rec.metadata.get("event_key")
+        if rec.metadata.get("wait") == "event" and isinstance(topic, str) and isinstance(key, str):
+            self.store.delete(self.event_index_hash(topic, key, rec.key_hash))
+
+    def link_token(self, key: str, *, ttl: float | None, by: str | None = None) -> str:
+        """A resume-link token for ``key``: sealed with a keyring-derived secret, expiring, optionally bound to ``by``.
+
+        The token carries the key encrypted (AES-GCM): without this deployment's
+        keys it is an opaque string. It works once because a resume spends the
+        suspension (or, with approvals, that approver's turn).
+
+        Raises:
+            ConfigurationError: No key or secret to seal links with.
+            InvalidKey: ``key`` is not a valid key.
+        """
+        key = self.unwrap_key(key)
+        self._check_key(key, "link")
+        if not self._key_wraps:
+            raise ConfigurationError("resume links need an encryption key or a signing secret to seal them")
+        checked = None if ttl is None else _checked_ttl(ttl)
+        expires = None if not checked else self.clock() + checked
+        body = json.dumps({"k": key, "by": by, "exp": expires}, separators=(",", ":")).encode("utf-8")
+        nonce = os.urandom(12)
+        sealed = AESGCM(self._key_wraps[0]).encrypt(nonce, body, _LINK_AAD)
+        return _LINK_PREFIX + base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode("ascii")
+
+    def open_link(self, token: str) -> tuple[str, str | None, float | None]:
+        """``(key, bound approver or None, expiry)`` of a :meth:`link_token` token.
+
+        Raises:
+            InvalidKey: A token that is malformed or was not sealed by this deployment.
+            SuspensionExpired: The link expired.
+        """
+        fp = link_fingerprint(token) if isinstance(token, str) else "-"
+        if not isinstance(token, str) or not token.startswith(_LINK_PREFIX) or len(token) > 2048:
+            raise InvalidKey("this resume link is not valid", key=fp, store=self.store.name)
+        try:
+            raw = base64.urlsafe_b64decode(token[len(_LINK_PREFIX) :] + "=" * (-len(token) % 4))
+        except (ValueError, binascii.Error):
+            raise InvalidKey("this resume link is not valid", key=fp, store=self.store.name) from None
+        for secret in self._key_wraps:
+            try:
+                body = json.loads(AESGCM(secret).decrypt(raw[:12], raw[12:], _LINK_AAD))
+                break
+            except (InvalidTag, ValueError):
+                continue
+        else:
+            self._audit("link", fp, "denied:InvalidKey")
+            raise InvalidKey("this resume link is not valid (altered, or from another deployment)", key=fp, store=self.store.name)
+        expires = body.get("exp")
+        if expires is not None and float(expires) <= self.clock():
+            self._audit("link", fp, "denied:SuspensionExpired")
+            raise SuspensionExpired("this resume link has expired", key=fp, store=self.store.name)
+        return str(body["k"]), body.get("by"), expires
 
     def _lost_race(self, kh: str, fp: str, now: float, action: str) -> None:
         """Another caller changed the record between our read and our transition: say how."""
@@ -748,6 +1006,7 @@ class PersistenceHub:
         ):
             raise AlreadyResumed("this claim is no longer held (its lease lapsed and was re-opened?)", key=fp, store=self.store.name)
         self._audit("resume", fp, "ok")
+        self._history(rec.key_hash, "resumed")
 
     def release(self, key: str, *, token: int) -> None:
         """Give a claim back (``token`` as for :meth:`complete`): the suspension can be resumed again.
@@ -781,7 +1040,7 @@ class PersistenceHub:
             raise
         self.complete(key, token=token)
 
-    def resume(self, key: str, input: Any = None) -> Suspension:
+    def resume(self, key: str, input: Any = None, *, by: str | None = None) -> Suspension:
         """Claim and complete in one step; exactly one caller per key succeeds.
 
         Returns:
@@ -797,7 +1056,7 @@ class PersistenceHub:
         # Nothing is dispatched between claiming and completing here, so there is no
         # crash window for a lease to cover: one compare-and-set straight to RESUMED
         # halves the durable writes (an fsync or a commit each) of every resume.
-        return self._take(key, input, Status.RESUMED, self.retention)
+        return self._take(key, input, Status.RESUMED, self.retention, by)
 
     def cancel(self, key: str) -> Suspension:
         """End a suspension so it can no longer be resumed. Cancelling twice is a no-op.
@@ -844,6 +1103,7 @@ class PersistenceHub:
                 if latest is None or self._verify(latest, fp).status is not Status.CANCELLED:
                     self._lost_race(rec.key_hash, fp, now, "cancel")
             self._audit("cancel", fp, "ok", **audit)
+            self._history(rec.key_hash, "cancelled")
         return self._view(rec.replace(status=Status.CANCELLED), key, state=state)
 
     def list(self, status: str | None = None, limit: int = 100, cursor: str | None = None) -> Page:
@@ -930,11 +1190,13 @@ class PersistenceHub:
         cursor = None if start == 0 else format(start - 1, f"0{len(prefix)}x") + "f" * (64 - len(prefix))
         now = self.clock()
         while True:
-            page = self.store.scan(kind=Kind.CHECKPOINT, limit=batch, cursor=cursor, with_blob=True)
+            # No kind filter: every store serves a plain key-order scan from its primary index,
+            # where a kind filter may make a database pick a (kind, ...) index and sort.
+            page = self.store.scan(limit=batch, cursor=cursor, with_blob=True)
             for rec in page.items:
                 if not rec.key_hash.startswith(prefix):
                     return
-                if rec.poisoned is not None or (rec.expires_at is not None and rec.expires_at <= now):
+                if rec.poisoned is not None or rec.kind is not Kind.CHECKPOINT or (rec.expires_at is not None and rec.expires_at <= now):
                     continue
                 try:
                     yield rec, self._open_record(self._verify(rec), rec.key_hash[:12])

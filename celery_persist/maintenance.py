@@ -88,7 +88,7 @@ def _cleanup_one(
             return 1
         return 0
     if rec.kind is not Kind.SUSPENSION or rec.status in TERMINAL:
-        _drop_event_index(hub, rec)
+        hub.drop_companions(rec)
         return int(store.delete(rec.key_hash))
     if rec.status is Status.CLAIMED:
         return _lapsed_claim(hub, rec, now, on_unfinished, retry_after)
@@ -97,6 +97,7 @@ def _cleanup_one(
         return 0
     if on_expired is None:
         hub._audit("expire", fp, "ok", wait=_wait_of(rec))
+        hub._history(rec.key_hash, "expired")
         return 1
     try:
         state = hub._open_record(rec, fp)
@@ -114,6 +115,7 @@ def _cleanup_one(
     if retried:
         hub.delete_checkpoint(_attempts_name(rec.key_hash))
     hub._audit("expire", fp, "ok", wait=_wait_of(rec))
+    hub._history(rec.key_hash, "expired")
     return 1
 
 
@@ -121,15 +123,6 @@ def _wait_of(rec: StoredRecord) -> str:
     """What a suspension waits for (``input``, ``timer``, ``event``), from its clear metadata."""
     wait = rec.metadata.get("wait", "input") if rec.poisoned is None else "input"
     return wait if isinstance(wait, str) else "input"
-
-
-def _drop_event_index(hub: PersistenceHub, rec: StoredRecord) -> None:
-    """With a finished event wait, delete its index record too (a signal would skip it anyway)."""
-    if rec.kind is not Kind.SUSPENSION or rec.poisoned is not None or rec.metadata.get("wait") != "event":
-        return
-    topic, key = rec.metadata.get("topic"), rec.metadata.get("event_key")
-    if isinstance(topic, str) and isinstance(key, str):
-        hub.store.delete(hub.event_index_hash(topic, key, rec.key_hash))
 
 
 def _attempts_name(kh: str) -> str:

@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import flow, handlers, journal, waits
+from . import flow, handlers, journal, people, waits
 from . import tasks as _tasks  # noqa: F401 - importing it attaches the shared tasks to every app
 from .config import PersistConfig
 from .errors import ConfigurationError, PersistenceError, SuspensionNotFound
@@ -103,15 +103,25 @@ class Persist:
 
     # -- the public operations -----------------------------------------------------------------
 
-    def resume(self, key: str, input: Any = None) -> AsyncResult:
+    def resume(self, key: str, input: Any = None, *, by: str | None = None) -> AsyncResult | None:
         """Resume a parked flow with ``input``; exactly one caller per key wins.
 
         The claim happens here, in the caller's process; the continuation is
         sent to the broker with the task ids frozen when the flow started, so
-        the caller's original ``AsyncResult`` completes.
+        the caller's original ``AsyncResult`` completes. The input is checked
+        against the suspension's ``schema`` first (nothing is claimed if it
+        does not match). A suspension that waits for ``approvals=N`` records
+        one approval per ``by`` identity and sends the flow on, with the list
+        ``[{"by", "input"}, ...]``, after the N-th.
+
+        Args:
+            key: The suspension key (or the wrapped key from the result backend).
+            input: The next step's input.
+            by: Who resumes: required when the suspension waits for approvals.
 
         Returns:
-            The AsyncResult of the continuation (the next task, or the resumed task).
+            The AsyncResult of the continuation (the next task, or the resumed
+            task); None when an approval was recorded and more are needed.
 
         Raises:
             InvalidKey: The key is malformed or was not issued with this deployment's secret (no store access).
@@ -119,9 +129,52 @@ class Persist:
             AlreadyResumed: The suspension was already claimed or resumed.
             SuspensionExpired: Its timeout passed.
             SuspensionCancelled: It was cancelled.
+            InvalidInput: The input does not match the schema, or ``by`` is missing or not an approver.
             StoreUnavailable: The store cannot be reached.
         """
-        return flow.resume(self.binding, key, input)
+        return flow.resume(self.binding, key, input, by=by)
+
+    def resume_url(self, key: str, ttl: float | None = None, base_url: str | None = None, by: str | None = None) -> str:
+        """A signed link to ``celery persist serve`` that resumes ``key``: it expires, works once, and
+        can be bound to one approver (required when the suspension waits for several approvals).
+
+        Args:
+            ttl: Seconds the link works (default ``persist_link_ttl``).
+            base_url: Where the server is reached (default ``persist_web_base_url``).
+            by: The approver the link is for.
+        """
+        return people.resume_url(self.binding, key, ttl=ttl, base_url=base_url, by=by)
+
+    def link_info(self, token: str) -> dict[str, Any]:
+        """What a resume link's page shows (prompt, schema, approvals, whom it is for)."""
+        return people.link_info(self.binding, token)
+
+    def resume_link(self, token: str, input: Any = None, *, by: str | None = None) -> AsyncResult | None:
+        """Resume through a resume-link token (see :meth:`resume_url`)."""
+        return people.resume_link(self.binding, token, input, by=by)
+
+    def resume_by_hash(self, key_hash: str, input: Any = None, *, by: str | None = None) -> AsyncResult | None:
+        """Resume by key hash, for the holder of the deployment's keys (the inbox server)."""
+        return people.resume_by_hash(self.binding, key_hash, input, by=by)
+
+    def cancel_by_hash(self, key_hash: str) -> Suspension:
+        """Cancel by key hash (the inbox's cancel button); the flow becomes REVOKED."""
+        return people.cancel_by_hash(self.binding, key_hash)
+
+    def describe(self, fingerprint: str) -> dict[str, Any]:
+        """One suspension (by fingerprint or a unique prefix): prompt, schema, approvals, history."""
+        return people.describe(self.binding, fingerprint)
+
+    def inbox(
+        self,
+        status: str | None = "suspended",
+        text: str | None = None,
+        wait: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of suspensions for the inbox, and the cursor of the next page (None at the end)."""
+        return people.inbox(self.binding, status=status, text=text, wait=wait, limit=limit, cursor=cursor)
 
     def signal(self, topic: str, key: str, payload: Any = None, *, buffer: float | None = None) -> int:
         """Wake every flow waiting on ``(topic, key)`` (``await_event``) with ``payload``.

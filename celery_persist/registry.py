@@ -181,6 +181,7 @@ def _open_hub(cfg: PersistConfig) -> PersistenceHub:
         lease=cfg.lease,
         retention=cfg.retention,
         max_state_size=cfg.max_state_size,
+        history=cfg.history,
     )
     if cfg.metrics:
         _shared_metrics().attach(hub)

@@ -101,6 +101,9 @@ class PersistentTask(Task):  # type: ignore[misc]
         on_timeout: str = "fail",
         default: Any = None,
         notify: Any = None,
+        schema: Any = None,
+        approvals: int = 1,
+        approvers: list[str] | None = None,
     ) -> Any:
         """Wait for outside input; the n-th call returns the n-th resume input.
 
@@ -116,6 +119,9 @@ class PersistentTask(Task):  # type: ignore[misc]
             on_timeout: ``fail`` or ``default``.
             default: Input used on timeout with ``on_timeout="default"``.
             notify: Signature applied with ``(key, info)`` once parked.
+            schema: JSON Schema dict or pydantic model the input must match.
+            approvals: Distinct approvers to wait for; the call then returns ``[{"by", "input"}, ...]``.
+            approvers: Who may approve (default: anyone who names themselves).
         """
         return self._wait(
             prompt=prompt,
@@ -124,6 +130,7 @@ class PersistentTask(Task):  # type: ignore[misc]
             default=default,
             notify=notify,
             wait="input",
+            details=flow.people_details(schema, approvals, approvers),
         )
 
     def sleep(self, seconds: float) -> None:

@@ -12,23 +12,38 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from celery import shared_task
+from celery import Task, shared_task
 
 from . import flow, waits
-from .errors import AlreadyResumed, ConfigurationError, InvalidKey, SuspensionCancelled, SuspensionExpired, SuspensionNotFound
+from .errors import AlreadyResumed, ConfigurationError, InvalidInput, InvalidKey, SuspensionCancelled, SuspensionExpired, SuspensionNotFound
 from .hub import WRAPPED_KEY_PREFIX
 from .keys import fingerprint, key_hash, masked_key
 from .registry import TIMER_TASK, binding_of
-
-if TYPE_CHECKING:
-    from celery import Task
+from .schemas import to_json_schema
 
 __all__ = ["await_input", "resume", "cleanup", "fire_timers", "sleep", "await_event", "signal"]
 
 
-@shared_task(name="celery_persist.await_input", bind=True, acks_late=True, reject_on_worker_lost=True)
+class _AwaitInputTask(Task):  # type: ignore[misc]
+    """``await_input``'s task class: a pydantic model given as ``schema=`` becomes its JSON Schema
+    where the signature is made, so the message carries JSON and no worker or resumer needs the class."""
+
+    def signature(self, args: Any = None, *starargs: Any, **starkwargs: Any) -> Any:
+        if starargs and isinstance(starargs[0], dict) and "schema" in starargs[0]:
+            starargs = ({**starargs[0], "schema": to_json_schema(starargs[0]["schema"])}, *starargs[1:])
+        if isinstance(starkwargs.get("kwargs"), dict) and "schema" in starkwargs["kwargs"]:
+            starkwargs["kwargs"] = {**starkwargs["kwargs"], "schema": to_json_schema(starkwargs["kwargs"]["schema"])}
+        return super().signature(args, *starargs, **starkwargs)
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
+        if isinstance(kwargs, dict) and "schema" in kwargs:
+            kwargs = {**kwargs, "schema": to_json_schema(kwargs["schema"])}
+        return super().apply_async(args, kwargs, *rest, **options)
+
+
+@shared_task(name="celery_persist.await_input", base=_AwaitInputTask, bind=True, acks_late=True, reject_on_worker_lost=True)
 def await_input(
     self: Task,
     previous: Any = None,
@@ -39,6 +54,9 @@ def await_input(
     default: Any = None,
     include_previous: bool = False,
     notify: Any = None,
+    schema: Any = None,
+    approvals: int = 1,
+    approvers: list[str] | None = None,
 ) -> Any:
     """Chain step that parks the flow until ``persist.resume(key, input)``.
 
@@ -51,7 +69,16 @@ def await_input(
         default: The input used when ``on_timeout="default"``.
         include_previous: Pass ``{"previous": ..., "input": ...}`` on instead of the input.
         notify: A signature applied with ``(key, info)`` once parked.
+        schema: A JSON Schema dict or a pydantic model the input must match
+            (checked by ``persist.resume`` before any claim; ``InvalidInput`` otherwise).
+        approvals: How many distinct approvers (``persist.resume(..., by=...)``)
+            it waits for; the flow goes on after the last with ``[{"by", "input"}, ...]``.
+        approvers: Who may approve (default: anyone who names themselves).
+
+    Raises:
+        ConfigurationError: A bad schema, approvals count or approvers list.
     """
+    people = flow.people_details(schema, approvals, approvers)
     state = flow.capture(
         self.request,
         kind="chain",
@@ -70,16 +97,20 @@ def await_input(
         on_timeout=on_timeout,
         notify=notify,
         journal_name=f"await:{self.request.id}",
+        details=people,
     )
 
 
 #: Refusals a resumer can expect: the worker logs each as one INFO line, not an ERROR with a traceback.
-EXPECTED_REFUSALS = (InvalidKey, SuspensionNotFound, AlreadyResumed, SuspensionExpired, SuspensionCancelled)
+EXPECTED_REFUSALS = (InvalidKey, InvalidInput, SuspensionNotFound, AlreadyResumed, SuspensionExpired, SuspensionCancelled)
 
 
 @shared_task(name="celery_persist.resume", bind=True, throws=EXPECTED_REFUSALS)
-def resume(self: Task, key: str, input: Any = None) -> str:
+def resume(self: Task, key: str, input: Any = None, by: str | None = None) -> str | None:
     """Resume by name from any Celery client; returns the continuation's task id.
+
+    With ``by`` (a suspension that waits for approvals), records that approval;
+    returns None until the last one.
 
     Takes the key itself (as ``notify`` delivers it), not the wrapped form the
     result backend holds: that one resumes only through ``persist.resume`` in
@@ -89,8 +120,8 @@ def resume(self: Task, key: str, input: Any = None) -> str:
     if isinstance(key, str) and key.startswith(WRAPPED_KEY_PREFIX):
         raise InvalidKey("this is the wrapped key from the result backend: resume it with persist.resume(), or send the key itself")
     _mask_key_argument(self.request, key)
-    result = flow.resume(binding_of(self.app), key, input)
-    return str(result.id)
+    result = flow.resume(binding_of(self.app), key, input, by=by)
+    return None if result is None else str(result.id)
 
 
 @shared_task(name="celery_persist.cleanup", bind=True, ignore_result=True)

@@ -234,6 +234,8 @@ def resume_and_get(persist: Persist) -> ResumeAndGet:
     def resume_and_get(key: str, input: Any = None, timeout: float = 10.0) -> Any:
         last = last_step_id(persist.load(key).state)
         result = persist.resume(key, input)
+        if result is None:
+            raise AssertionError("the resume recorded an approval and more are needed: resume with the other approvers' by=")
         final = persist.app.AsyncResult(last) if last else result
         return final.get(timeout=timeout, interval=POLL_INTERVAL)
 

@@ -8,6 +8,9 @@ costs in scan calls and rows read does not grow with the number of other
 records. Like ``test_store_contract.py`` they run once per backend (the
 ``store`` fixture), so a new store gets them by registering in
 ``tests/integration/backends/``.
+
+The cost is counted at the store API (scan calls, rows returned): what a store's
+database reads to answer one scan is not visible here.
 """
 
 from __future__ import annotations
@@ -66,14 +69,28 @@ def save(hub: PersistenceHub, records: dict[str, Any], *, ttl: float | None = 36
 
 
 def fill(hub: PersistenceHub, n: int, rng: random.Random, *, start: int = 0) -> None:
-    """``n`` other records: suspensions, indexed records under 40 other prefixes, plain checkpoints."""
-    for i in range(start, start + n):
+    """``n`` other records around the ones a test looks for.
+
+    A tenth through the hub (suspensions, indexed records under 40 other prefixes,
+    plain checkpoints), the rest written in batches straight to the store (records
+    of both kinds, unsealed, a third under the same 40 prefixes): each is a row
+    ``indexed`` must not read, and one it did read would not verify and be logged.
+    """
+    others = [hub.index_prefix("event", "other", str(i)) for i in range(40)]
+    through_hub = n // 10
+    for i in range(start, start + through_hub):
         if i % 3 == 0:
             hub.suspend({"n": i}, ttl=3600)
         elif i % 3 == 1:
-            hub.save_indexed(hub.index_prefix("event", "other", str(i % 40)) + tail(rng), {"n": i}, ttl=3600)
+            hub.save_indexed(others[i % 40] + tail(rng), {"n": i}, ttl=3600)
         else:
             hub.save_checkpoint(f"other-{i}", {"n": i})
+    raw = []
+    for i in range(n - through_hub):
+        kh = others[i % 40] + tail(rng) if i % 3 == 0 else format(rng.getrandbits(256), "064x")
+        kind, status = (Kind.SUSPENSION, Status.SUSPENDED) if i % 3 == 2 else (Kind.CHECKPOINT, Status.ACTIVE)
+        raw.append(StoredRecord(kh, kind, status, b"opaque", {"n": i}, NOW, NOW + 3600, NOW + 3600, NOW))
+    hub.store.put_many(raw)
 
 
 def found(hub: PersistenceHub, prefix: str, batch: int = 500) -> list[tuple[str, Any]]:
@@ -102,7 +119,7 @@ def test_indexed_returns_exactly_the_prefix_records(hub: PersistenceHub, store: 
     save(hub, {**mine, **theirs, **below, **above})
     # A record of the other kind inside the prefix: the store's kind filter leaves it out.
     store.put(StoredRecord(p + "8" * 40, Kind.SUSPENSION, Status.SUSPENDED, b"x", {}, NOW, NOW + 3600, NOW + 3600, NOW))
-    fill(hub, 1500, rng)
+    fill(hub, 2500, rng)
 
     for batch in (500, 4, 1):
         assert found(hub, p, batch) == sorted(mine.items()), f"batch={batch}"

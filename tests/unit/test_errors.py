@@ -13,6 +13,7 @@ from celery_persist.errors import (
     ConfigurationError,
     EncryptionError,
     IntegrityError,
+    InvalidInput,
     InvalidKey,
     PersistenceError,
     SerializationError,
@@ -41,7 +42,14 @@ PARENTS = {
     SuspensionExpired: PersistenceError,
     SuspensionCancelled: PersistenceError,
     AwaitTimeout: PersistenceError,
+    InvalidInput: PersistenceError,
 }
+
+
+def test_invalid_input_keeps_its_errors_through_pickling() -> None:
+    exc = InvalidInput("bad", key="abc123def456", errors=[{"loc": ["approved"], "msg": "field required"}])
+    back = pickle.loads(pickle.dumps(exc))
+    assert (back.errors, back.key, str(back)) == (exc.errors, "abc123def456", str(exc))
 
 
 def test_tree_matches_the_documented_shape() -> None:

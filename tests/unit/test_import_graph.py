@@ -105,14 +105,14 @@ def test_own_modules_are_imported_at_module_top() -> None:
 #: The floors of ARCHITECTURE.md, bottom first. A module imports only from its own floor or below.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("errors", "stores.base"),
-    ("keys", "crypto", "codecs", "retry", "stores.drivers", "stores.sql_migrations", "tracing"),
+    ("keys", "crypto", "codecs", "retry", "stores.drivers", "stores.sql_migrations", "tracing", "schemas"),
     ("serializer", "stores", "stores.*", "metrics"),
     ("config", "maintenance"),
     ("hub",),
     # The Celery layer.
     ("registry",),
     ("journal",),
-    ("flow", "handlers", "waits"),
+    ("flow", "handlers", "waits", "people"),
     ("task", "tasks"),
     ("persist",),
     ("cli", "demo", "demo_app", "testing"),
