@@ -49,10 +49,10 @@ from . import journal, tracing
 from .errors import AlreadyResumed, AwaitTimeout, ConfigurationError, SuspensionCancelled, SuspensionExpired, SuspensionNotFound
 from .hub import PersistenceHub, Suspension
 from .keys import fingerprint, key_hash, masked_key, now_ms
-from .schemas import MAX_SCHEMA_BYTES, to_json_schema
-from .stores.base import dump_metadata as dump_json
 from .registry import Binding
 from .retry import with_store_retry
+from .schemas import MAX_SCHEMA_BYTES, to_json_schema
+from .stores.base import dump_metadata as dump_json
 
 if TYPE_CHECKING:
     from celery import Celery, Task

@@ -774,11 +774,15 @@ class PersistenceHub:
             if quorum is not None:
                 if not isinstance(by, str) or not by.strip():
                     raise InvalidInput(
-                        "this suspension waits for approvals: say who approves with by=", key=fp, errors=[{"loc": ["by"], "msg": "field required"}]
+                        "this suspension waits for approvals: say who approves with by=",
+                        key=fp,
+                        errors=[{"loc": ["by"], "msg": "field required"}],
                     )
                 approvers = quorum[1]
                 if approvers is not None and by not in approvers:
-                    raise InvalidInput("this identity is not one of the suspension's approvers", key=fp, errors=[{"loc": ["by"], "msg": "not an approver"}])
+                    raise InvalidInput(
+                        "this identity is not one of the suspension's approvers", key=fp, errors=[{"loc": ["by"], "msg": "not an approver"}]
+                    )
             schema = rec.metadata.get("schema")
             validate(schema if isinstance(schema, Mapping) else None, input, key=fp)
         except InvalidInput as exc:
@@ -797,7 +801,9 @@ class PersistenceHub:
         recorded = self.load_checkpoint(self.approvals_name(kh), [])
         return list(recorded) if isinstance(recorded, list) else []
 
-    def _approve(self, rec: StoredRecord, key: str, fp: str, input: Any, by: str | None, to: Status, hold: float, started: float) -> Suspension:
+    def _approve(
+        self, rec: StoredRecord, key: str, fp: str, input: Any, by: str | None, to: Status, hold: float, started: float
+    ) -> Suspension:
         """Record ``by``'s approval; the one that completes the quorum claims the suspension.
 
         The approvals live in their own sealed record, changed only by approvers,
