@@ -182,8 +182,18 @@ SETTINGS: tuple[Setting, ...] = (
         "Keep each suspension's audit history (suspended, denied, approved, resumed...) beside it, for the inbox and `show --history`.",
     ),
     Setting("persist_web_tokens", None, _tokens, "Bearer tokens of `celery persist serve`'s inbox and API (list, or comma-separated)."),
-    Setting("persist_web_base_url", "http://127.0.0.1:8080", _str, "Where `celery persist serve` is reached: the start of `resume_url` links."),
-    Setting("persist_link_ttl", 7 * 86400, _opt_float, "Seconds a `resume_url` link works when no `ttl` is given (None: as long as the flow)."),
+    Setting(
+        "persist_web_base_url",
+        "http://127.0.0.1:8080",
+        _str,
+        "Where `celery persist serve` is reached: the start of `resume_url` links.",
+    ),
+    Setting(
+        "persist_link_ttl",
+        7 * 86400,
+        _opt_float,
+        "Seconds a `resume_url` link works when no `ttl` is given (None: as long as the flow).",
+    ),
     Setting("persist_metrics", False, _bool, "Count suspends, resumes and expiries in Prometheus metrics (extra `metrics`)."),
     Setting(
         "persist_task_aliases",
