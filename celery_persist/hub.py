@@ -74,6 +74,8 @@ _AAD_PREFIX = b"celery-persist/record/v1\0"
 WRAPPED_KEY_PREFIX = _WRAP_PREFIX = "p1w."
 _FIELDS_PREFIX = b"celery-persist/record-fields/v1\0"
 _WRAP_AAD = b"celery-persist/wrapped-key/v1"
+#: How long history entries of a suspension that never expires are kept (then pruned like checkpoints).
+_HISTORY_WITHOUT_EXPIRY = 365 * 86400.0
 #: Resume-link tokens: AES-GCM under the key-wrap secrets, with their own associated data.
 _LINK_PREFIX = "l1."
 _LINK_AAD = b"celery-persist/resume-link/v1"
@@ -444,14 +446,11 @@ class PersistenceHub:
         now = self.clock()
         expires = now + ttl if ttl else None
         fp = fingerprint(key)
-        if self.history:
-            metadata = {**(metadata or {}), "history": True}
         if _quorum(metadata or {}) is not None:
             # Approvals are kept in a record of their own, which must exist before the first one.
             self.save_checkpoint(self.approvals_name(key_hash(key)), [], ttl=(ttl + self.retention) if ttl else None)
         rec = self._build(key_hash(key), Kind.SUSPENSION, Status.SUSPENDED, state, metadata, now, expires, fp)
         self.store.put(rec)
-        self._history(rec.key_hash, "suspended")
         wait = str((metadata or {}).get("wait", "input"))
         self._audit("suspend", fp, "ok", seconds=time.perf_counter() - started, size=len(rec.blob), wait=wait)
         return key
@@ -751,7 +750,6 @@ class PersistenceHub:
             raise AssertionError("unreachable")  # _lost_race always raises
         # The same audit trail (and metrics) as claim + complete, though only one write happened.
         self._audit("claim", fp, "granted", seconds=time.perf_counter() - started, size=len(rec.blob))
-        self._history(rec.key_hash, "claimed" if to is Status.CLAIMED else "resumed", by=by)
         if to is Status.RESUMED:
             self._audit("resume", fp, "ok")
         view = self._view(moved, key, state=state, input=input)
@@ -764,7 +762,7 @@ class PersistenceHub:
         try:
             self._refuse(rec, fp, now, "resume")
         except PersistenceError as exc:
-            self._history(rec.key_hash, "denied", by=by, reason=type(exc).__name__)
+            self._history(rec, "denied", by=by, reason=type(exc).__name__)
             raise
 
     def _check_input(self, rec: StoredRecord, fp: str, input: Any, by: str | None) -> None:
@@ -788,7 +786,7 @@ class PersistenceHub:
         except InvalidInput as exc:
             exc.store = self.store.name
             self._audit("resume", fp, "denied:InvalidInput")
-            self._history(rec.key_hash, "denied", by=by, reason="InvalidInput")
+            self._history(rec, "denied", by=by, reason="InvalidInput")
             raise
 
     @staticmethod
@@ -835,17 +833,17 @@ class PersistenceHub:
                         if claimed is not None:
                             return claimed
                     self._audit("resume", fp, "denied:AlreadyResumed")
-                    self._history(rec.key_hash, "denied", by=by, reason="AlreadyResumed")
+                    self._history(rec, "denied", by=by, reason="AlreadyResumed")
                     raise AlreadyResumed("the approvals this suspension waited for are complete", key=fp, store=self.store.name)
             if any(a.get("by") == by for a in done):
                 self._audit("resume", fp, "denied:AlreadyResumed")
-                self._history(rec.key_hash, "denied", by=by, reason="AlreadyResumed")
+                self._history(rec, "denied", by=by, reason="AlreadyResumed")
                 raise AlreadyResumed("this identity has already approved", key=fp, store=self.store.name)
             updated = [*done, {"by": by, "input": input, "at": self.clock()}]
             if entry is None or not self._swap_state(entry, updated):
                 continue  # another approver changed the list first: read it again
             self._audit("approve", fp, "ok", by_count=len(updated))
-            self._history(rec.key_hash, "approved", by=by)
+            self._history(rec, "approved", by=by)
             if len(updated) < needed:
                 return self._view(rec, key)
             claimed = self._finish_quorum(rec, key, fp, updated, to, hold, started, by=by)
@@ -876,7 +874,6 @@ class PersistenceHub:
             return None
         value = [{"by": a.get("by"), "input": a.get("input")} for a in done[: _quorum(rec.metadata)[0]]]  # type: ignore[index]
         self._audit("claim", fp, "granted", seconds=time.perf_counter() - started, size=len(latest.blob))
-        self._history(rec.key_hash, "claimed" if to is Status.CLAIMED else "resumed", by=by)
         if to is Status.RESUMED:
             self._audit("resume", fp, "ok")
         view = self._view(moved, key, state=state, input=value)
@@ -890,36 +887,55 @@ class PersistenceHub:
         seal = self._seal_of(rec.replace(blob=blob), version=version)
         return self.store.replace_blob(rec.key_hash, rec.blob, blob, now=self.clock(), version=version, seal=seal)
 
-    def _history(self, kh: str, event: str, *, by: str | None = None, reason: str | None = None) -> None:
-        """Keep one audit entry beside suspension ``kh`` (when the hub keeps history): what the inbox shows.
+    def _history(self, rec: StoredRecord, event: str, *, by: str | None = None, reason: str | None = None) -> None:
+        """Keep one audit entry beside suspension ``rec`` (when the hub keeps history): what the inbox shows.
 
-        Entries name identities and reasons, never keys or inputs. A failure to
-        write one is logged, never raised: history must not break a resume.
+        Only what the record itself cannot tell is written: denied attempts and
+        approvals. Suspended, claimed, resumed, cancelled and expired come from
+        the record's own times and status (:meth:`history_of`), so the hot path
+        (park, resume) writes nothing more. An entry lives as long as the
+        suspension can (its expiry, or a year without one) plus the retention,
+        so cleanup prunes it like a checkpoint. Entries name identities and
+        reasons, never keys or inputs; a failure to write one is logged, never raised.
         """
         if not self.history:
             return
+        now = self.clock()
+        lives = (rec.expires_at - now) if rec.expires_at is not None else _HISTORY_WITHOUT_EXPIRY
         tail = format(time.time_ns() // 1000, "014x")[-14:] + secrets.token_hex(13)
         try:
             self.save_indexed(
-                self.index_prefix("history", kh) + tail,
-                {"at": self.clock(), "event": event, "by": by, "reason": reason},
-                ttl=None,
+                self.index_prefix("history", rec.key_hash) + tail,
+                {"at": now, "event": event, "by": by, "reason": reason},
+                ttl=max(lives, 0.0) + self.retention,
                 metadata={"index": "history"},
             )
         except PersistenceError:
-            logger.warning("celery-persist: could not write a history entry for suspension %s", kh[:12], exc_info=True)
+            logger.warning("celery-persist: could not write a history entry for suspension %s", rec.key_hash[:12], exc_info=True)
 
     def history_of(self, kh: str) -> list[dict[str, Any]]:
-        """The history entries kept beside suspension ``kh``, oldest first."""
-        return [state for _, state in self.indexed(self.index_prefix("history", kh)) if isinstance(state, dict)]
+        """Suspension ``kh``'s audit history, oldest first: ``{"at", "event", "by", "reason"}`` each.
+
+        ``suspended`` and the current status (``claimed``, ``resumed``,
+        ``cancelled``, ``expired``) come from the record; denials and approvals
+        from the entries kept beside it.
+        """
+        rec = self.store.get(kh)
+        entries = [state for _, state in self.indexed(self.index_prefix("history", kh)) if isinstance(state, dict)]
+        if rec is not None and rec.kind is Kind.SUSPENSION:
+            rec = self._verify(rec)
+            entries.append({"at": rec.created_at, "event": "suspended", "by": None, "reason": None})
+            if rec.status is not Status.SUSPENDED:
+                entries.append({"at": rec.updated_at, "event": rec.status.value, "by": None, "reason": None})
+        return sorted(entries, key=lambda e: (float(e.get("at") or 0.0), e.get("event") != "suspended"))
 
     def drop_companions(self, rec: StoredRecord) -> None:
-        """Delete what is kept beside a suspension that is being pruned: history, approvals, event index."""
+        """Delete what is kept beside a suspension that is being pruned: approvals, event index.
+
+        (History entries expire on their own: see :meth:`_history`.)
+        """
         if rec.kind is not Kind.SUSPENSION or rec.poisoned is not None:
             return
-        if rec.metadata.get("history"):
-            for entry, _ in list(self.indexed(self.index_prefix("history", rec.key_hash))):
-                self.store.delete(entry.key_hash)
         if _quorum(rec.metadata) is not None:
             self.delete_checkpoint(self.approvals_name(rec.key_hash))
         topic, key = rec.metadata.get("topic"), rec.metadata.get("event_key")
@@ -1012,7 +1028,6 @@ class PersistenceHub:
         ):
             raise AlreadyResumed("this claim is no longer held (its lease lapsed and was re-opened?)", key=fp, store=self.store.name)
         self._audit("resume", fp, "ok")
-        self._history(rec.key_hash, "resumed")
 
     def release(self, key: str, *, token: int) -> None:
         """Give a claim back (``token`` as for :meth:`complete`): the suspension can be resumed again.
@@ -1109,7 +1124,6 @@ class PersistenceHub:
                 if latest is None or self._verify(latest, fp).status is not Status.CANCELLED:
                     self._lost_race(rec.key_hash, fp, now, "cancel")
             self._audit("cancel", fp, "ok", **audit)
-            self._history(rec.key_hash, "cancelled")
         return self._view(rec.replace(status=Status.CANCELLED), key, state=state)
 
     def list(self, status: str | None = None, limit: int = 100, cursor: str | None = None) -> Page:

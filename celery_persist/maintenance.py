@@ -97,7 +97,6 @@ def _cleanup_one(
         return 0
     if on_expired is None:
         hub._audit("expire", fp, "ok", wait=_wait_of(rec))
-        hub._history(rec.key_hash, "expired")
         return 1
     try:
         state = hub._open_record(rec, fp)
@@ -115,7 +114,6 @@ def _cleanup_one(
     if retried:
         hub.delete_checkpoint(_attempts_name(rec.key_hash))
     hub._audit("expire", fp, "ok", wait=_wait_of(rec))
-    hub._history(rec.key_hash, "expired")
     return 1
 
 

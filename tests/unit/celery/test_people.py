@@ -42,7 +42,7 @@ def test_a_pydantic_schema_travels_as_json_schema_and_refuses_bad_input_before_a
     assert persist.resume(key, {"approved": True, "amount": 12}) is not None
     assert res.get(timeout=10) == {"approved": True, "amount": 12}  # the next step gets the data as JSON
     events = [h["event"] for h in persist.describe(key_hash(key)[:12])["history"]]
-    assert events[:2] == ["suspended", "denied"] and "claimed" in events and events[-1] == "resumed"
+    assert events == ["suspended", "denied", "resumed"]
 
 
 def test_a_json_schema_dict_and_unknown_fields(persist_app: Any, persist: Any, wait_suspended: Any) -> None:
