@@ -55,6 +55,7 @@ from .registry import Binding, binding_of
 from .stores import open_store
 from .stores.base import Kind
 from .waits import WAITS
+from .web.cli import serve_command
 
 __all__ = ["persist", "main"]
 
@@ -517,7 +518,7 @@ def resume_cmd(ops: _Ops, key: str, input_json: str | None, input_file: str | No
         click.echo(f"resumed; continuation task id {result.id}")
 
 
-for _cmd in (*_SHARED, resume_cmd):
+for _cmd in (*_SHARED, resume_cmd, serve_command):
     persist.add_command(_cmd)
 
 

@@ -42,7 +42,22 @@ def to_json_schema(schema: Any) -> dict[str, Any] | None:
     else:
         raise ConfigurationError(f"schema= takes a JSON Schema dict or a pydantic model class, not {type(schema).__name__}")
     check_schema(out)
+    _keep_order(out)
     return out
+
+
+def _keep_order(node: Any) -> None:
+    """Record each object's property order as ``x-order``: stored metadata is JSON with sorted
+    keys, and a form built from the schema should list fields in the order they were declared."""
+    if isinstance(node, dict):
+        properties = node.get("properties")
+        if isinstance(properties, dict) and "x-order" not in node:
+            node["x-order"] = list(properties)
+        for value in node.values():
+            _keep_order(value)
+    elif isinstance(node, list):
+        for item in node:
+            _keep_order(item)
 
 
 def check_schema(schema: Mapping[str, Any]) -> None:

@@ -115,7 +115,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("flow", "handlers", "waits", "people"),
     ("task", "tasks"),
     ("persist",),
-    ("cli", "demo", "demo_app", "testing"),
+    ("cli", "demo", "demo_app", "testing", "web", "web.app", "web.auth", "web.forms", "web.server", "web.cli"),
 )
 
 
