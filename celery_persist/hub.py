@@ -36,8 +36,9 @@ import logging
 import math
 import os
 import secrets
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -63,7 +64,7 @@ from .errors import (
 from .keys import derive_suspension_key, fingerprint, key_hash, new_suspension_key, validate_key
 from .schemas import validate
 from .serializer import DEFAULT_MAX_STATE_SIZE, StateSerializer
-from .stores.base import KEEP, BaseStore, Keep, Kind, Page, Status, StoredRecord, dump_metadata
+from .stores.base import KEEP, BaseStore, Keep, Kind, Page, Status, StoredRecord, TransitionSpec, dump_metadata
 
 __all__ = ["PersistenceHub", "Suspension", "WRAPPED_KEY_PREFIX", "link_fingerprint"]
 
@@ -74,6 +75,8 @@ _AAD_PREFIX = b"celery-persist/record/v1\0"
 WRAPPED_KEY_PREFIX = _WRAP_PREFIX = "p1w."
 _FIELDS_PREFIX = b"celery-persist/record-fields/v1\0"
 _WRAP_AAD = b"celery-persist/wrapped-key/v1"
+#: Claims remembered for a complete without a read (a resumer holds a claim for milliseconds).
+_HELD_CLAIMS = 1024
 #: How long history entries of a suspension that never expires are kept (then pruned like checkpoints).
 _HISTORY_WITHOUT_EXPIRY = 365 * 86400.0
 #: Resume-link tokens: AES-GCM under the key-wrap secrets, with their own associated data.
@@ -212,6 +215,9 @@ class PersistenceHub:
         history: bool = False,
     ) -> None:
         self.observer = observer
+        #: Claims taken by this process and not yet completed or released (see _hold), oldest first.
+        self._held: dict[str, StoredRecord] = {}
+        self._held_lock = threading.Lock()
         #: Keep an audit history beside each suspension (suspended, denied, approved, claimed,
         #: resumed, cancelled, expired): one more write per event, read by the inbox and `show --history`.
         self.history = history
@@ -367,6 +373,26 @@ class PersistenceHub:
         if not moved:
             return None
         return rec.replace(status=to, due_at=rec.due_at if due is KEEP else due, version=version, seal=seal, updated_at=now)
+
+    def _move_many(self, moves: Sequence[tuple[StoredRecord, Status, float | None | Keep]], *, now: float) -> dict[str, StoredRecord]:
+        """:meth:`_move` for many records (``(record as read, to, due)`` each, distinct records) in one
+        :meth:`BaseStore.transition_many`: each its own compare-and-set, re-sealed as :meth:`_move` does.
+
+        Returns:
+            The records that moved, as they now are, by key hash; the others were changed by another writer first.
+        """
+        changes: list[TransitionSpec] = []
+        after: dict[str, StoredRecord] = {}
+        for rec, to, due in moves:
+            version = rec.version + 1
+            seal = self._seal_of(rec, status=to, due=due, version=version)
+            changes.append(TransitionSpec(rec.key_hash, frozenset({rec.status}), to, due, version, seal, rec.version))
+            after[rec.key_hash] = rec.replace(
+                status=to, due_at=rec.due_at if due is KEEP else due, version=version, seal=seal, updated_at=now
+            )
+        if not changes:
+            return {}
+        return {kh: after[kh] for kh in self.store.transition_many(changes, now=now)}
 
     # -- audit -----------------------------------------------------------------------------
 
@@ -753,7 +779,7 @@ class PersistenceHub:
         if to is Status.RESUMED:
             self._audit("resume", fp, "ok")
         view = self._view(moved, key, state=state, input=input)
-        return dataclasses.replace(view, claim_token=moved.version if to is Status.CLAIMED else None)
+        return dataclasses.replace(view, claim_token=self._hold(moved) if to is Status.CLAIMED else None)
 
     # -- people: typed input, approvals, history, resume links ------------------------------
 
@@ -877,7 +903,7 @@ class PersistenceHub:
         if to is Status.RESUMED:
             self._audit("resume", fp, "ok")
         view = self._view(moved, key, state=state, input=value)
-        return dataclasses.replace(view, claim_token=moved.version if to is Status.CLAIMED else None)
+        return dataclasses.replace(view, claim_token=self._hold(moved) if to is Status.CLAIMED else None)
 
     def _swap_state(self, rec: StoredRecord, state: Any) -> bool:
         """Replace ``rec``'s state (same metadata) if its blob is still the one read: a compare-and-set."""
@@ -934,13 +960,20 @@ class PersistenceHub:
 
         (History entries expire on their own: see :meth:`_history`.)
         """
+        for kh in self.companion_hashes(rec):
+            self.store.delete(kh)
+
+    def companion_hashes(self, rec: StoredRecord) -> list[str]:
+        """The key hashes :meth:`drop_companions` deletes for ``rec`` (from its clear metadata; no store access)."""
         if rec.kind is not Kind.SUSPENSION or rec.poisoned is not None:
-            return
+            return []
+        found = []
         if _quorum(rec.metadata) is not None:
-            self.delete_checkpoint(self.approvals_name(rec.key_hash))
+            found.append(self.checkpoint_hash(self.approvals_name(rec.key_hash)))
         topic, key = rec.metadata.get("topic"), rec.metadata.get("event_key")
         if rec.metadata.get("wait") == "event" and isinstance(topic, str) and isinstance(key, str):
-            self.store.delete(self.event_index_hash(topic, key, rec.key_hash))
+            found.append(self.event_index_hash(topic, key, rec.key_hash))
+        return found
 
     def link_token(self, key: str, *, ttl: float | None, by: str | None = None) -> str:
         """A resume-link token for ``key``: sealed with a keyring-derived secret, expiring, optionally bound to ``by``.
@@ -993,6 +1026,14 @@ class PersistenceHub:
             raise SuspensionExpired("this resume link has expired", key=fp, store=self.store.name)
         return str(body["k"]), body.get("by"), expires
 
+    def _hold(self, claimed: StoredRecord) -> int:
+        """Remember a claim this process holds, so :meth:`complete` can move it without reading it again."""
+        with self._held_lock:
+            if len(self._held) >= _HELD_CLAIMS:
+                self._held.pop(next(iter(self._held)), None)
+            self._held[claimed.key_hash] = claimed
+        return claimed.version
+
     def _lost_race(self, kh: str, fp: str, now: float, action: str) -> None:
         """Another caller changed the record between our read and our transition: say how."""
         latest = self.store.get(kh)
@@ -1018,6 +1059,11 @@ class PersistenceHub:
         key = self.unwrap_key(key)
         fp = self._check_key(key, "resume")
         now = self.clock()
+        held = self._held.pop(key_hash(key), None)
+        if held is not None and held.version == token and self._move(held, Status.RESUMED, due=now + self.retention, now=now):
+            # The record as this process's claim left it: one compare-and-set, no read first.
+            self._audit("resume", fp, "ok")
+            return
         rec = self._get(key, fp, "resume")
         if rec.status is Status.RESUMED and rec.version == token + 1:
             return  # completed by an earlier try of this call whose reply was lost
@@ -1037,6 +1083,7 @@ class PersistenceHub:
         key = self.unwrap_key(key)
         fp = self._check_key(key, "release")
         now = self.clock()
+        self._held.pop(key_hash(key), None)
         rec = self.store.get(key_hash(key))
         if rec is None or rec.status is not Status.CLAIMED or rec.version != token:
             return
@@ -1225,6 +1272,68 @@ class PersistenceHub:
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+
+    # -- batches: many claims in one compare-and-set round trip (celery_persist.bulk.resume_many) --
+
+    def claim_many(
+        self, keys: Sequence[str], inputs: Sequence[Any], *, lease: float | None = None
+    ) -> Sequence[Suspension | PersistenceError]:
+        """:meth:`claim` for each of ``keys`` (with the input at the same index), the moves in one
+        :meth:`BaseStore.transition_many`.
+
+        Keys are checked, read (one :meth:`BaseStore.get` each), verified, refused and
+        opened exactly as :meth:`claim` does, then every claimable one moves in one batch.
+        A suspension that waits for approvals or checks its input against a schema, and
+        a key given twice, goes through :meth:`claim` itself.
+
+        Returns:
+            Per key, in order: the claimed :class:`Suspension` (``claim_token`` set), or the
+            :class:`~celery_persist.errors.PersistenceError` :meth:`claim` would have raised
+            (``InvalidKey``, ``SuspensionNotFound``, ``AlreadyResumed``, ``SuspensionExpired``...).
+        """
+        if len(keys) != len(inputs):
+            raise ValueError("claim_many takes one input per key")
+        started = time.perf_counter()
+        hold = lease or self.lease
+        now = self.clock()
+        out: list[Suspension | PersistenceError | None] = [None] * len(keys)
+        batch: dict[str, tuple[int, str, str, StoredRecord, Any]] = {}
+        single: list[int] = []
+        for i, key in enumerate(keys):
+            try:
+                key = self.unwrap_key(key)
+                fp = self._check_key(key, "resume")
+                if key_hash(key) in batch:
+                    single.append(i)  # the same key again: decided after the batch, as a second claim() would be
+                    continue
+                rec = self._get(key, fp, "resume")
+                if _quorum(rec.metadata) is not None or rec.metadata.get("schema") is not None:
+                    single.append(i)
+                    continue
+                self._refuse_recorded(rec, fp, now, None)
+                state = self._open_record(rec, fp)  # before claiming: a blob that fails must not use up the claim
+            except PersistenceError as exc:
+                out[i] = exc
+                continue
+            batch[rec.key_hash] = (i, key, fp, rec, state)
+        moved = self._move_many([(rec, Status.CLAIMED, now + hold) for _, _, _, rec, _ in batch.values()], now=now)
+        for kh, (i, key, fp, rec, state) in batch.items():
+            claimed = moved.get(kh)
+            if claimed is None:
+                try:
+                    self._lost_race(kh, fp, now, "resume")
+                except PersistenceError as exc:
+                    out[i] = exc
+                continue
+            self._audit("claim", fp, "granted", seconds=time.perf_counter() - started, size=len(rec.blob))
+            view = self._view(claimed, key, state=state, input=inputs[i])
+            out[i] = dataclasses.replace(view, claim_token=self._hold(claimed))
+        for i in single:
+            try:
+                out[i] = self.claim(keys[i], inputs[i], lease=lease)
+            except PersistenceError as exc:
+                out[i] = exc
+        return [o for o in out if o is not None]
 
     # -- maintenance -----------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from celery_persist.errors import (
 from celery_persist.hub import PersistenceHub, Suspension
 from celery_persist.keys import fingerprint, key_hash, new_suspension_key
 from celery_persist.serializer import MAGIC, StateSerializer
+from celery_persist.stores import open_store
 from celery_persist.stores.base import KEEP, Kind, Status, StoredRecord
 
 from ._helpers import FakeClock, RecordingStore
@@ -1106,3 +1107,24 @@ def test_an_impossible_ttl_is_refused_before_anything_is_written(hub: Persistenc
         hub.save_checkpoint("c", STATE, ttl=ttl)
     assert store.calls == []
     assert hub.list().items == []
+
+
+def test_complete_after_a_claim_in_this_process_needs_no_read(keyring: Keyring) -> None:
+    store = open_store("memory://")
+    hub = PersistenceHub(store, keyring=keyring)
+    key = hub.suspend(STATE)
+    reads: list[str] = []
+    original = store.get
+    store.get = lambda kh: reads.append(kh) or original(kh)  # type: ignore[method-assign]
+    claimed = hub.claim(key, 1)
+    assert claimed.claim_token is not None
+    hub.complete(key, token=claimed.claim_token)
+    assert len(reads) == 1  # the claim's read only: complete is one compare-and-set
+    assert hub.load(key).status == "resumed"
+    hub.complete(key, token=claimed.claim_token)  # a retried complete still succeeds (it reads then)
+    other = hub.suspend(STATE)
+    stale = hub.claim(other, 1)
+    hub.release(other, token=stale.claim_token or 0)
+    hub.claim(other, 2)  # claimed again elsewhere: the old token no longer completes
+    with pytest.raises(AlreadyResumed):
+        hub.complete(other, token=stale.claim_token or 0)
