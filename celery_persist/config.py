@@ -130,9 +130,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("persist_store_options", None, _mapping, "Store options, e.g. `{'prefix': 'shop'}` or `{'chunk_size': 4096}`."),
     Setting(
         "persist_codec",
-        "json",
-        _choice("json", "pickle", "dill"),
-        "State codec: `json`, `pickle`, `dill`; pickle/dill need a key or signing secret.",
+        "msgpack",
+        _choice("msgpack", "json", "pickle", "dill"),
+        "State codec: `msgpack` (safe, fastest), `json`, `pickle`, `dill`; pickle/dill need a key or signing secret. "
+        "Any codec reads every other's envelopes.",
     ),
     Setting(
         "persist_compression",

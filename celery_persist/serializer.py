@@ -6,7 +6,7 @@ Envelope, format version 1 (all integers big-endian)::
     0      2     magic  b"\\xa7E"
     2      1     format version (1)
     3      4     CRC-32 of every byte of the envelope except these four
-    7      1     codec id        (1 json, 2 pickle, 3 dill)
+    7      1     codec id        (1 json, 2 pickle, 3 dill, 4 msgpack)
     8      1     compression id  (0 none, 1 gzip, 2 zstd)
     9      1     flags (0; reserved)
     10     8     uncompressed payload length
@@ -49,7 +49,7 @@ class StateSerializer:
     """Turn states into self-describing bytes and back.
 
     Args:
-        codec: ``json`` (default), ``pickle`` or ``dill``.
+        codec: ``json`` (default), ``msgpack``, ``pickle`` or ``dill``.
         compression: ``zstd``, ``gzip``, ``none``, or ``auto`` (default: zstd
             when the ``zstd`` extra is installed, else gzip).
         threshold: Payloads shorter than this many bytes are not compressed.
@@ -66,7 +66,7 @@ class StateSerializer:
 
     def __init__(
         self,
-        codec: str = "json",
+        codec: str = "msgpack",
         compression: str = "auto",
         threshold: int = 1024,
         *,

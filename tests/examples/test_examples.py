@@ -40,10 +40,15 @@ _SCRUB = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_PERSIST_STORE_UR
 
 EXPECTED: dict[str, list[str]] = {
     "approval": [
+        r"inbox server started \(pid \d+\): celery -A examples\.approval\.app persist serve --port \d+",
         r"expense #101 parked: step celery_persist\.await_input is SUSPENDED",
-        r"http: \"POST /approve/<key [0-9a-f]{12}> HTTP/1\.1\" 202",
+        r"GET /api/suspensions with the bearer token: HTTP 200, 1 pending: [0-9a-f]{12} 'Approve expense #101",
+        r"approver opens it: HTTP 200, .* a form with in/approved, in/by, in/reason",
+        r"HTTP 202: 'Thank you'",
+        r"server log: 127\.0\.0\.1:\d+ \"POST /link/[0-9a-f]{12}\" 202",
         r"result: expense #101 \(EUR 1234\.50, by carol\) booked, approved by alice",
-        r"the same key POSTed again: HTTP 409 AlreadyResumed",
+        r"the same link POSTed again: HTTP 409 'Already answered'",
+        r"POST /api/resume with the key: HTTP 409 'Already answered'",
         r"operator runs: celery -A examples\.approval\.app persist resume \S+ --input",
         r"resumed; continuation task id [0-9a-f-]{36}",
         r"result: expense #102 \(EUR 99\.00, by dave\) rejected by bob: no receipt",

@@ -43,11 +43,16 @@ def _meta(path: Path) -> dict[str, Any]:
 
 ENVELOPES = [p for p in SIDECARS if _meta(p)["kind"] == "envelope"]
 RECORDS = [p for p in SIDECARS if _meta(p)["kind"] == "hub_record"]
-# Uncompressed json blobs of the current version: their bytes depend on our code alone
-# (compressed and pickled bytes also depend on library versions).
+# Uncompressed json and msgpack blobs of the current version: their bytes depend on our code
+# (and, for msgpack, on ormsgpack's writer, which is stable); compressed and pickled bytes
+# also depend on zlib/zstandard/pickle versions.
 STABLE = [
-    p for p in ENVELOPES if (_meta(p)["codec"], _meta(p)["compression"], _meta(p)["format_version"]) == ("json", "none", FORMAT_VERSION)
+    p
+    for p in ENVELOPES
+    if _meta(p)["codec"] in ("json", "msgpack") and (_meta(p)["compression"], _meta(p)["format_version"]) == ("none", FORMAT_VERSION)
 ]
+#: Whatever codec a deployment is configured with, it reads every blob: the envelope names the codec.
+READERS = ("json", "msgpack")
 
 _NAMES: dict[str, Any] = {"datetime": datetime, "Decimal": Decimal, "UUID": UUID, "nan": float("nan"), "inf": float("inf")}
 _BUILTINS = {"__builtins__": {"set": set, "frozenset": frozenset, "bytearray": bytearray}}
@@ -79,18 +84,20 @@ def test_there_are_golden_blobs_for_the_current_format_version() -> None:
     expected = {f"{c}_{z}" for c in ("json_fast", "pickle") for z in ("none", "gzip", "zstd")}
     assert expected <= current, "run scripts/make-golden-blobs for the new format version"
     assert {"json_tagged_none", "json_tagged_cycle_none", "dill_none", "hub_record_aesgcm", "hub_record_hmac"} <= current
+    msgpack = {f"msgpack_{form}" for form in ("fast_none", "ext_none", "tagged_none", "tagged_cycle_none", "fast_zstd", "ext_zstd")}
+    assert msgpack | {"hub_record_msgpack_aesgcm"} <= current
     for p in SIDECARS:
         assert p.with_suffix(".bin").exists(), p
 
 
+@pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("path", ENVELOPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_golden_envelope_loads(path: Path) -> None:
+def test_golden_envelope_loads(path: Path, reader: str) -> None:
     blob, sidecar = _load(path)
     assert blob[2] == sidecar["format_version"] == int(path.parent.name[1:])
     assert (blob[7], blob[8]) == (sidecar["codec_id"], sidecar["compression_id"])
     # Any reader configuration reads any blob: the envelope says how it was written.
-    reader = StateSerializer("json", "none", max_size=1 << 20)
-    value = reader.loads(blob, trusted=sidecar["trusted"])
+    value = StateSerializer(reader, "none", max_size=1 << 20).loads(blob, trusted=sidecar["trusted"])
     assert_same(value, expected_value(sidecar))
 
 
@@ -98,11 +105,36 @@ def test_golden_envelope_loads(path: Path) -> None:
 def test_current_writer_still_produces_the_golden_bytes(path: Path) -> None:
     """Detects an unintended change of the bytes written under the current version."""
     blob, sidecar = _load(path)
-    again = StateSerializer("json", "none").dumps(expected_value(sidecar))
-    assert again == blob, "the json writer changed: bump FORMAT_VERSION or keep the bytes stable"
+    again = StateSerializer(sidecar["codec"], "none").dumps(expected_value(sidecar))
+    assert again == blob, f"the {sidecar['codec']} writer changed: bump FORMAT_VERSION or keep the bytes stable"
 
 
-def _golden_hub(blob: bytes, sidecar: dict[str, Any], *, keyring: Keyring | None = None) -> PersistenceHub:
+@pytest.mark.parametrize("path", [p for p in ENVELOPES if _meta(p)["codec"] == "msgpack"], ids=lambda p: p.stem)
+def test_msgpack_golden_blobs_cover_each_path(path: Path) -> None:
+    """Each msgpack blob exercises the path its sidecar names: no extension value, the fast path's
+    extension values, or the tagged path's definitions and references."""
+    import ormsgpack
+
+    from celery_persist.codecs import get_compression
+
+    blob, sidecar = _load(path)
+    size = int.from_bytes(blob[10:18], "big")
+    payload = get_compression(sidecar["compression"]).decompress(memoryview(blob)[18:], size)
+    codes: set[int] = set()
+
+    def hook(code: int, data: bytes) -> None:
+        codes.add(code)
+        if code in (5, 6, 7, 12, 17):
+            ormsgpack.unpackb(data, ext_hook=hook)
+        elif 13 <= code <= 15:
+            ormsgpack.unpackb(data[4:], ext_hook=hook)
+
+    ormsgpack.unpackb(payload, ext_hook=hook)
+    form = "tagged" if codes & set(range(11, 18)) else "ext" if codes else "plain"
+    assert form == sidecar["msgpack_form"] == {"fast": "plain", "ext": "ext", "tagged": "tagged"}[path.stem.split("_")[1]]
+
+
+def _golden_hub(blob: bytes, sidecar: dict[str, Any], *, keyring: Keyring | None = None, reader: str | None = None) -> PersistenceHub:
     """A hub over a memory store holding the golden record exactly as the sidecar describes it."""
     store = MemoryStore()
     store.put(
@@ -126,15 +158,17 @@ def _golden_hub(blob: bytes, sidecar: dict[str, Any], *, keyring: Keyring | None
         keyring=keyring,
         signing_secret=GOLDEN_SECRET,
         encryption="auto" if encrypted else "off",
-        serializer=StateSerializer(sidecar["codec"]),
+        serializer=StateSerializer(reader or sidecar["codec"]),
         clock=FakeClock(sidecar["created_at"] + 1),
     )
 
 
+@pytest.mark.parametrize("reader", [None, *READERS])
 @pytest.mark.parametrize("path", RECORDS, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_golden_hub_record_opens(path: Path) -> None:
+def test_golden_hub_record_opens(path: Path, reader: str | None) -> None:
+    """A hub opens a record whatever codec it is configured to write with."""
     blob, sidecar = _load(path)
-    hub = _golden_hub(blob, sidecar)
+    hub = _golden_hub(blob, sidecar, reader=reader)
     key = sidecar["key"]
     assert key_hash(key) == sidecar["key_hash"]
     if hub._field_keys:

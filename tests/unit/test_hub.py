@@ -910,7 +910,7 @@ def test_health(hub: PersistenceHub, store: RecordingStore, keyring: Keyring, b6
     info = hub.health()
     assert info["ok"] is True and info["store"] == store.name
     assert info["encryption"] == "aes-256-gcm" and info["key_ids"] == ["k1"] and info["signed_keys"] is True
-    assert (info["codec"], info["compression"]) == ("json", "zstd")
+    assert (info["codec"], info["compression"]) == ("msgpack", "zstd")
     assert SECRET not in repr(info)
 
 

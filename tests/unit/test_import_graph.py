@@ -112,7 +112,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     # The Celery layer.
     ("registry",),
     ("journal",),
-    ("flow", "handlers", "waits", "people"),
+    ("flow", "handlers", "waits", "people", "bulk"),
     ("task", "tasks"),
     ("persist",),
     ("cli", "demo", "demo_app", "testing", "web", "web.app", "web.auth", "web.forms", "web.server", "web.cli"),
