@@ -52,8 +52,7 @@ LAZY = {"Persist", "PersistentTask", "await_input", "sleep", "await_event"}
 #: Names CONTRACT.md fixes for capabilities not built yet, with the issue that builds them.
 #: They must not be exported before they work; the test below fails once one is exported,
 #: so it moves from here to PUBLIC with its implementation.
-NOT_YET_BUILT = {
-}
+NOT_YET_BUILT = {}
 
 
 def _section(text: str, number: int) -> str:
