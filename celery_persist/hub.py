@@ -1256,10 +1256,14 @@ class PersistenceHub:
         start = int(prefix, 16)
         cursor = None if start == 0 else format(start - 1, f"0{len(prefix)}x") + "f" * (64 - len(prefix))
         now = self.clock()
+        # Most prefixes hold a handful of records: a small first page, growing to ``batch``,
+        # so a lookup does not read (with blobs) hundreds of unrelated records past the prefix.
+        page_size = min(16, batch)
         while True:
             # No kind filter: every store serves a plain key-order scan from its primary index,
             # where a kind filter may make a database pick a (kind, ...) index and sort.
-            page = self.store.scan(limit=batch, cursor=cursor, with_blob=True)
+            page = self.store.scan(limit=page_size, cursor=cursor, with_blob=True)
+            page_size = min(page_size * 4, batch)
             for rec in page.items:
                 if not rec.key_hash.startswith(prefix):
                     return
