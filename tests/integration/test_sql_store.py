@@ -637,7 +637,7 @@ def test_missing_postgres_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch
         open_store("postgresql://127.0.0.1/test")
     with pytest.raises(ConfigurationError, match=r"celery-persist\[postgres\]"):
         open_store("postgresql+psycopg://127.0.0.1/test")
-    with pytest.raises(ConfigurationError, match=r"celery-persist\[postgres2\]"):
+    with pytest.raises(ConfigurationError, match=r"celery-persist\[psycopg2\]"):
         open_store("postgresql+psycopg2://127.0.0.1/test")
 
 
