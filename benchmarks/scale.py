@@ -710,6 +710,19 @@ class BudgetedStore:
         self.done += gone
         return gone
 
+    def transition_many(self, changes: Any, *, now: float) -> list[str]:
+        # cleanup's batched form (one call per page): checked per page, counted per record.
+        self._check()
+        won = self._store.transition_many(changes, now=now)
+        self.done += len(won)
+        return won
+
+    def delete_many(self, key_hashes: Any) -> int:
+        self._check()
+        gone = self._store.delete_many(key_hashes)
+        self.done += gone
+        return gone
+
     def elapsed(self) -> float:
         return time.perf_counter() - self._started
 

@@ -13,7 +13,7 @@ hub.py imports this module; the hub is named here only in annotations (under
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .crypto import KEY_MAGIC, Keyring
@@ -46,14 +46,20 @@ def cleanup(
     retry_after: float = 60.0,
     handler_attempts: int = TIMEOUT_HANDLER_ATTEMPTS,
 ) -> int:
-    """Handle every record of ``hub``'s store that is due (see :meth:`PersistenceHub.cleanup`)."""
+    """Handle every record of ``hub``'s store that is due (see :meth:`PersistenceHub.cleanup`).
+
+    Each page of ``batch`` due records costs a few store round trips, not one per record:
+    what is pruned goes in one :meth:`~celery_persist.stores.base.BaseStore.delete_many`
+    (companions in another), what expires moves in one
+    :meth:`~celery_persist.stores.base.BaseStore.transition_many`, each record still its own
+    compare-and-set, and only the records this call moved get their timeout policy applied.
+    Lapsed claims (rare) and records that cannot be trusted are handled one by one.
+    """
     now = hub.clock() if now is None else now
     done = 0
     while True:
         records = hub.store.due(now, batch)
-        progressed = 0
-        for rec in records:
-            progressed += _cleanup_one(hub, rec, now, on_expired, on_unfinished, retry_after, handler_attempts)
+        progressed = _cleanup_page(hub, records, now, on_expired, on_unfinished, retry_after, handler_attempts)
         done += progressed
         # Keep going while something moved: a lapsed lease that is also past its expiry is
         # re-opened in one pass and expired in the next, within the same run.
@@ -61,40 +67,83 @@ def cleanup(
             return done
 
 
-def _cleanup_one(
+def _cleanup_page(
     hub: PersistenceHub,
-    rec: StoredRecord,
+    records: Sequence[StoredRecord],
     now: float,
     on_expired: Callable[[Suspension], None] | None,
     on_unfinished: Callable[[Suspension, Any, str], None] | None,
     retry_after: float,
-    handler_attempts: int = TIMEOUT_HANDLER_ATTEMPTS,
+    handler_attempts: int,
 ) -> int:
-    store = hub.store
+    """One page of due records: set aside what cannot be trusted, then prune, expire, re-open."""
+    done = 0
+    prune: list[StoredRecord] = []
+    expiring: list[StoredRecord] = []
+    lapsed: list[StoredRecord] = []
+    for rec in {r.key_hash: r for r in records}.values():  # each record once, whatever the store returned
+        untrusted = _set_aside(hub, rec)
+        if untrusted is not None:
+            done += untrusted
+        elif rec.kind is not Kind.SUSPENSION or rec.status in TERMINAL:
+            prune.append(rec)
+        elif rec.status is Status.CLAIMED:
+            lapsed.append(rec)
+        else:
+            expiring.append(rec)
+    if prune:
+        done += _prune(hub, prune)
+    if expiring:
+        moved = hub._move_many([(rec, Status.EXPIRED, now + hub.retention) for rec in expiring], now=now)
+        for rec in expiring:
+            expired = moved.get(rec.key_hash)
+            if expired is not None:  # else another writer changed it first: not ours to handle
+                done += _expired(hub, rec, expired, now, on_expired, retry_after, handler_attempts)
+    for rec in lapsed:
+        done += _lapsed_claim(hub, rec, now, on_unfinished, retry_after)
+    return done
+
+
+def _set_aside(hub: PersistenceHub, rec: StoredRecord) -> int | None:
+    """None for a record cleanup may act on; else it is quarantined: 1 if that changed it, else 0."""
     fp = rec.key_hash[:12]
     if rec.poisoned is not None:
         # A row the store cannot even decode: take it out of the due index (kept for
         # inspection) so it never blocks the records behind it, and say so once.
-        if store.quarantine(rec.key_hash):
-            hub._audit("quarantine", fp, f"undecodable:{rec.poisoned}")
-            return 1
-        return 0
-    try:
-        hub._verify(rec, fp)  # a forged status or time must not make cleanup delete, expire or re-open
-    except IntegrityError:
-        # Tampered with: never acted on, and out of the due index so the rest goes on.
-        if store.quarantine(rec.key_hash):
-            hub._audit("quarantine", fp, "seal-mismatch")
-            return 1
-        return 0
-    if rec.kind is not Kind.SUSPENSION or rec.status in TERMINAL:
-        hub.drop_companions(rec)
-        return int(store.delete(rec.key_hash))
-    if rec.status is Status.CLAIMED:
-        return _lapsed_claim(hub, rec, now, on_unfinished, retry_after)
-    expired = hub._move(rec, Status.EXPIRED, due=now + hub.retention, now=now)
-    if expired is None:
-        return 0
+        outcome = f"undecodable:{rec.poisoned}"
+    else:
+        try:
+            hub._verify(rec, fp)  # a forged status or time must not make cleanup delete, expire or re-open
+            return None
+        except IntegrityError:
+            # Tampered with: never acted on, and out of the due index so the rest goes on.
+            outcome = "seal-mismatch"
+    if hub.store.quarantine(rec.key_hash):
+        hub._audit("quarantine", fp, outcome)
+        return 1
+    return 0
+
+
+def _prune(hub: PersistenceHub, records: Sequence[StoredRecord]) -> int:
+    """Delete finished suspensions and checkpoints past their time, companions first; how many records went."""
+    companions = [kh for rec in records for kh in hub.companion_hashes(rec)]
+    if companions:
+        # First: a crash in between leaves the record due, and its companions are deleted again.
+        hub.store.delete_many(companions)
+    return hub.store.delete_many([rec.key_hash for rec in records])
+
+
+def _expired(
+    hub: PersistenceHub,
+    rec: StoredRecord,
+    expired: StoredRecord,
+    now: float,
+    on_expired: Callable[[Suspension], None] | None,
+    retry_after: float,
+    handler_attempts: int,
+) -> int:
+    """Apply the timeout policy of ``rec``, which this cleanup has just moved to ``expired`` (exactly once)."""
+    fp = rec.key_hash[:12]
     if on_expired is None:
         hub._audit("expire", fp, "ok", wait=_wait_of(rec))
         return 1

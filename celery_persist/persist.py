@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import flow, handlers, journal, people, waits
+from . import bulk, flow, handlers, journal, people, waits
 from . import tasks as _tasks  # noqa: F401 - importing it attaches the shared tasks to every app
 from .config import PersistConfig
 from .errors import ConfigurationError, PersistenceError, SuspensionNotFound
@@ -133,6 +133,20 @@ class Persist:
             StoreUnavailable: The store cannot be reached.
         """
         return flow.resume(self.binding, key, input, by=by)
+
+    def resume_many(self, items: Iterable[tuple[str, Any]], *, batch: int = bulk.BATCH) -> list[bulk.Outcome]:
+        """Resume many parked flows: claims go in batches (one compare-and-set round trip per batch).
+
+        Args:
+            items: ``(key, input)`` pairs.
+            batch: Keys claimed per round trip.
+
+        Returns:
+            One outcome per pair, in order: the continuation's AsyncResult, None
+            (an approval was recorded), or the error that key met
+            (``AlreadyResumed``, ``SuspensionExpired``, ``InvalidKey``, ...).
+        """
+        return bulk.resume_many(self.binding, items, batch=batch)
 
     def resume_url(self, key: str, ttl: float | None = None, base_url: str | None = None, by: str | None = None) -> str:
         """A signed link to ``celery persist serve`` that resumes ``key``: it expires, works once, and

@@ -17,10 +17,10 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from ..errors import ConfigurationError
-from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord
+from .base import KEEP, BaseStore, Kind, Page, Status, StoredRecord, TransitionSpec
 from .drivers import mask_url
 
-__all__ = ["open_store", "STORES", "BaseStore", "StoredRecord", "Status", "Kind", "Page", "KEEP", "mask_url"]
+__all__ = ["open_store", "STORES", "BaseStore", "StoredRecord", "TransitionSpec", "Status", "Kind", "Page", "KEEP", "mask_url"]
 
 _SQL = "celery_persist.stores.sql:SQLStore"
 _NEO4J = "celery_persist.stores.neo4j:Neo4jStore"

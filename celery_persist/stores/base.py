@@ -8,7 +8,9 @@ never decides policy: the hub does. What a store must guarantee:
 * :meth:`BaseStore.transition` is a compare-and-set on ``status`` (and, when
   asked, on ``version``) that is atomic across processes and hosts. Claim,
   cancel, complete, expire and re-open are all built from it. Each store's
-  docstring says how.
+  docstring says how. :meth:`BaseStore.transition_many` and
+  :meth:`BaseStore.delete_many` do the same for a batch of records in (about)
+  one round trip, still atomic per record (cleanup and ``resume_many`` use them).
 * ``version`` and ``seal`` are carried, never interpreted: the hub bumps the
   one and computes the other; a store stores them, returns them exactly, and
   compares ``version`` inside its compare-and-set.
@@ -47,12 +49,14 @@ __all__ = [
     "Status",
     "Kind",
     "StoredRecord",
+    "TransitionSpec",
     "Page",
     "ScanRange",
     "BaseStore",
     "Keep",
     "KEEP",
     "batches",
+    "distinct_changes",
     "token_changes",
     "dump_metadata",
     "load_metadata",
@@ -158,6 +162,40 @@ class StoredRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class TransitionSpec:
+    """One compare-and-set of :meth:`BaseStore.transition_many`: the arguments of one
+    :meth:`BaseStore.transition` call but ``now`` (which the batch shares).
+
+    ``expect`` is kept as a frozenset of :class:`Status`; ``due_at=KEEP``, ``version=None``
+    and ``seal=None`` leave the field as it is, ``expect_version=None`` accepts any version.
+    """
+
+    key_hash: str
+    expect: frozenset[Status]
+    to: Status
+    due_at: float | None | Keep = KEEP
+    version: int | None = None
+    seal: str | None = None
+    expect_version: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "expect", frozenset(Status(s) for s in self.expect))
+        object.__setattr__(self, "to", Status(self.to))
+
+
+def distinct_changes(changes: Iterable[TransitionSpec]) -> list[TransitionSpec]:
+    """``changes`` as a list, checked to name each record once (what :meth:`BaseStore.transition_many` takes).
+
+    Raises:
+        ValueError: A key hash appears twice.
+    """
+    out = list(changes)
+    if len({c.key_hash for c in out}) != len(out):
+        raise ValueError("transition_many takes each record once: a key hash appears twice in one batch")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     """One page of a listing; ``next_cursor`` is None at the end."""
 
@@ -252,6 +290,10 @@ ROW_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError, Attr
 _QUOTED = 24
 _FIELD_NAME = re.compile(r"[a-z_]{1,32}")
 _Member = TypeVar("_Member", Kind, Status)
+#: Each member of Kind and Status by its stored value, as text and as UTF-8 bytes.
+_MEMBERS: dict[type[Any], dict[str | bytes, Any]] = {
+    cls: {**{m.value: m for m in cls}, **{m.value.encode(): m for m in cls}} for cls in (Kind, Status)
+}
 
 
 def _quote(value: str) -> str:
@@ -272,6 +314,10 @@ def _text(value: Any, name: str) -> str:
 def _member(cls: type[_Member], value: Any, name: str) -> _Member:
     if isinstance(value, cls):
         return value
+    if type(value) is str or type(value) is bytes:
+        found: _Member | None = _MEMBERS[cls].get(value)
+        if found is not None:
+            return found  # the common case, without decoding or an enum lookup
     if value is None:
         raise UndecodableRecord(f"{name} is missing")
     text = _text(value, name)
@@ -286,6 +332,13 @@ def _opt_time(value: Any, name: str) -> float | None:
 
 
 def _time(value: Any, name: str) -> float:
+    if type(value) is float:
+        return value
+    if type(value) is bytes:  # Redis: float() reads ASCII digits from bytes as from text
+        try:
+            return float(value)
+        except ValueError:
+            raise UndecodableRecord(f"{name} is not a number") from None
     if value is None:
         raise UndecodableRecord(f"{name} is missing")
     if isinstance(value, bool):
@@ -320,8 +373,10 @@ def _metadata(value: Any) -> dict[str, Any]:
         if isinstance(value, Mapping):
             # A copy through JSON, so a caller cannot reach into what a store keeps.
             return load_metadata(dump_metadata(value))
-        if isinstance(value, str | bytes | bytearray):
-            return load_metadata(bytes(value) if isinstance(value, bytearray) else value)
+        if isinstance(value, bytes | bytearray):
+            return load_metadata(bytes(value).decode("utf-8"))  # decoded first: json.loads(str) is faster
+        if isinstance(value, str):
+            return load_metadata(value)
     except (ValueError, TypeError, RecursionError):
         raise UndecodableRecord("metadata is not JSON") from None
     raise UndecodableRecord("metadata is not JSON text")
@@ -425,8 +480,8 @@ class BaseStore(abc.ABC):
     """Abstract store; subclasses implement the six abstract methods.
 
     ``put``, ``get``, ``delete``, ``transition``, ``scan`` and ``due`` are abstract;
-    ``setup``, ``put_many``, ``replace_blob``, ``quarantine``, ``health`` and ``close``
-    have working defaults. Implementations connect lazily, reconnect after ``fork()``,
+    ``setup``, ``put_many``, ``transition_many``, ``delete_many``, ``replace_blob``,
+    ``quarantine``, ``health`` and ``close`` have working defaults. Implementations connect lazily, reconnect after ``fork()``,
     map their driver's transient errors to :class:`~celery_persist.errors.StoreUnavailable`
     (the message names the driver's cause, masked: see :func:`.drivers.describe`),
     and decode rows through :func:`decode_record` / :func:`salvage`.
@@ -497,6 +552,37 @@ class BaseStore(abc.ABC):
             its status was not in ``expect`` or its version was not
             ``expect_version`` (someone else won). A False leaves the record as it was.
         """
+
+    def transition_many(self, changes: Sequence[TransitionSpec], *, now: float) -> list[str]:
+        """Many :meth:`transition` calls as one batch; the key hashes of the records that moved, in ``changes`` order.
+
+        Each change is its own compare-and-set, atomic per record exactly as
+        :meth:`transition` is (of concurrent callers expecting the same status and
+        version, one moves a record); a record that is missing, or whose status or
+        version does not match, is left as it was and not returned. The batch as a
+        whole is not atomic: a crash may leave part of it applied. Each record may
+        appear once per call (:class:`ValueError` otherwise). All share ``updated_at = now``.
+
+        Default: :meth:`transition` for each change, one after another. Stores
+        override it to send the batch in one round trip (one statement, pipeline or
+        bulk write): see each store's docstring.
+        """
+        return [
+            c.key_hash
+            for c in distinct_changes(changes)
+            if self.transition(
+                c.key_hash, c.expect, c.to, due_at=c.due_at, now=now, version=c.version, seal=c.seal, expect_version=c.expect_version
+            )
+        ]
+
+    def delete_many(self, key_hashes: Sequence[str]) -> int:
+        """Remove every record named in ``key_hashes`` (a repeated one once); how many existed.
+
+        Each record is removed as by :meth:`delete` (its blob with it); the batch as a
+        whole is not atomic. Default: :meth:`delete` for each; stores override it
+        with one statement or round trip per batch.
+        """
+        return sum(1 for kh in dict.fromkeys(key_hashes) if self.delete(kh))
 
     @abc.abstractmethod
     def scan(

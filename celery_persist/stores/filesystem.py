@@ -35,6 +35,8 @@ file, but copies the blob inside the kernel (``copy_file_range``). The due
 markers a write needs are created (and made durable) before the record is
 renamed into place, and stale ones removed after, so a crash can leave an
 extra marker, never a missing one.
+``transition_many()`` and ``delete_many()`` are the contract's defaults: one
+``transition()`` / ``delete()`` (and its fsyncs) per record.
 
 Safety: key hashes must be 64 lowercase hex digits (nothing can name a path
 outside the directory). Only the URL's own directory may be a symlink (the

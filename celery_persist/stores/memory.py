@@ -5,7 +5,9 @@ URL: ``memory://`` (every open gets a fresh, private store) or ``memory://NAME``
 Options: ``prefix``.
 Atomicity: one lock around every operation (a transition's status and version
 checks and its writes included, and ``quarantine()``); claims are atomic between threads of one
-process only, so it is not for real deployments.
+process only, so it is not for real deployments. ``transition_many()`` and ``delete_many()``
+hold the lock once for the whole batch and apply ``transition()`` / ``delete()`` to each record
+under it (so a subclass that wraps those sees every record).
 Fork: a child gets a copy of the records and its own lock; nothing is shared.
 Tested: in-process only.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import ClassVar
 
 from .base import (
@@ -27,6 +29,7 @@ from .base import (
     ScanRange,
     Status,
     StoredRecord,
+    TransitionSpec,
     decode_record,
     decoded,
     dump_metadata,
@@ -145,6 +148,14 @@ class MemoryStore(BaseStore):
             self._records[key_hash] = new
             self._index(new)
             return True
+
+    def transition_many(self, changes: Sequence[TransitionSpec], *, now: float) -> list[str]:
+        with self._lock:
+            return super().transition_many(changes, now=now)
+
+    def delete_many(self, key_hashes: Sequence[str]) -> int:
+        with self._lock:
+            return super().delete_many(key_hashes)
 
     def replace_blob(
         self,

@@ -30,6 +30,8 @@ Layout: one document per record in ``<prefix>records``::
      due_at: double (absent when None),
      version: int, seal: string                     -- absent in documents written before
                                                        they existed: read as 0 and ""
+     op: string                                     -- the token of the transition_many
+                                                       that last moved it (absent otherwise)
      blob: binary                                   -- blobs up to inline_limit
      gen, nchunks, size                             -- larger blobs, see below}
 
@@ -53,6 +55,12 @@ Atomicity:
     chunks if the blob needs them. ``put()`` replaces the whole document in one
     write; ``put_many()`` sends one ``bulk_write`` per 1,000 records or 32 MiB.
     ``quarantine()`` is one ``update_one`` that unsets ``due_at``.
+    ``transition_many()`` is one ``bulk_write`` (unordered) of ``UpdateOne`` with the same
+    per-record filter as ``transition()``, each setting ``op`` to a token of the call, then
+    one ``find`` of the batch's ids carrying that token: the records this call moved
+    (per 1,000 changes). With ``bulk=False`` it is ``transition()`` per record.
+    ``delete_many()`` is one ``find`` of the chunked records among the ids and one
+    ``delete_many({_id: {$in: ...}})`` per 1,000 keys, then the chunks of those.
     No multi-document transactions are used, so standalone servers work.
 
 Errors: messages name pymongo's cause (``ServerSelectionTimeoutError:
@@ -77,7 +85,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -93,10 +101,12 @@ from .base import (
     ScanRange,
     Status,
     StoredRecord,
+    TransitionSpec,
     UndecodableRecord,
     batches,
     decode_record,
     decoded,
+    distinct_changes,
     dump_metadata,
     poisoned_record,
     salvage,
@@ -442,6 +452,57 @@ class MongoStore(BaseStore):
             records, _ = self._collections()
             doc = records.find_one_and_update(match, update, projection={"_id": 1})
         return doc is not None
+
+    def transition_many(self, changes: Sequence[TransitionSpec], *, now: float) -> list[str]:
+        """One unordered ``bulk_write`` of per-record compare-and-sets, then one ``find`` of the winners (per 1,000).
+
+        Each ``UpdateOne`` has :meth:`transition`'s filter and also sets ``op`` to a token of
+        this call, so the records carrying the token afterwards are exactly the ones this
+        call moved (the bulk result only counts them).
+        """
+        ordered = distinct_changes(changes)
+        if not self._bulk:
+            return super().transition_many(ordered, now=now)
+        update_one = self._pymongo.UpdateOne
+        token = secrets.token_hex(12)
+        moved: set[str] = set()
+        with self._errors():
+            records, _ = self._collections()
+            wanted = [c for c in ordered if c.expect]
+            for start in range(0, len(wanted), BATCH_RECORDS):
+                part = wanted[start : start + BATCH_RECORDS]
+                ops = [update_one(*self._transition_op(c, now, token)) for c in part]
+                if not records.bulk_write(ops, ordered=False).matched_count:
+                    continue
+                found = records.find({"_id": {"$in": [c.key_hash for c in part]}, "op": token}, {"_id": 1})
+                moved.update(str(d["_id"]) for d in found)
+        return [c.key_hash for c in ordered if c.key_hash in moved]
+
+    @staticmethod
+    def _transition_op(c: TransitionSpec, now: float, token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(filter, update) of one change: :meth:`transition`'s, plus the call's token in ``op``."""
+        update: dict[str, Any] = {"$set": {"status": c.to.value, "updated_at": float(now), "op": token, **token_changes(c.version, c.seal)}}
+        if c.due_at is None:
+            update["$unset"] = {"due_at": ""}
+        elif not isinstance(c.due_at, Keep):
+            update["$set"]["due_at"] = float(c.due_at)
+        match: dict[str, Any] = {"_id": c.key_hash, "status": {"$in": sorted(s.value for s in c.expect)}}
+        if c.expect_version is not None:
+            match["version"] = {"$in": [0, None]} if c.expect_version == 0 else int(c.expect_version)
+        return match, update
+
+    def delete_many(self, key_hashes: Sequence[str]) -> int:
+        keys = list(dict.fromkeys(key_hashes))
+        gone = 0
+        with self._errors():
+            records, chunks = self._collections()
+            for start in range(0, len(keys), BATCH_RECORDS):
+                part = keys[start : start + BATCH_RECORDS]
+                # Chunk generations these deletes orphan; one written meanwhile stays behind as garbage.
+                stale = [(d["_id"], d["gen"]) for d in records.find({"_id": {"$in": part}, "gen": {"$exists": True}}, {"gen": 1})]
+                gone += int(records.delete_many({"_id": {"$in": part}}).deleted_count)
+                self._drop_generations(chunks, stale)
+        return gone
 
     def replace_blob(
         self,

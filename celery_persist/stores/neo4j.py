@@ -61,7 +61,13 @@ Atomicity:
     ``put_many()`` does the same per 1,000 records (or 8 MiB of blobs),
     rows in key order so concurrent writers lock nodes in one order, and
     only the last of several writes of one key is sent. ``quarantine()`` is
-    one statement that sets ``due_at`` to null. No
+    one statement that sets ``due_at`` to null. ``transition_many()`` is one
+    transaction: one ``UNWIND`` statement that takes every node's lock (keys
+    in order), then one ``UNWIND`` compare-and-set over the rows (each row
+    checked and written as ``transition()`` does, per 1,000 rows, or per
+    statement budget on FalkorDB, where each statement is atomic on its own).
+    ``delete_many()`` is one ``UNWIND ... DELETE`` (and the chunk generations
+    of the deleted nodes) in one transaction. No
     driver-level retries: a transaction that fails on a lost connection raises
     :class:`StoreUnavailable` and its outcome is unknown (a claim made that
     way is a lease that cleanup re-opens).
@@ -116,9 +122,11 @@ from .base import (
     ScanRange,
     Status,
     StoredRecord,
+    TransitionSpec,
     batches,
     decode_record,
     decoded,
+    distinct_changes,
     poisoned_record,
     salvage,
 )
@@ -180,6 +188,21 @@ _TRANSITION = (
     "FOREACH (_ IN CASE WHEN ok THEN [1] ELSE [] END | SET n.status = $to, n.updated_at = $now{due}{token}) "
     "REMOVE n._lock "
     "RETURN ok"
+)
+_LOCK_MANY = f"UNWIND $keys AS k MATCH (n:{RECORD} {{ns: $ns, key_hash: k}}) SET n._lock = true RETURN count(n) AS found"
+_TRANSITION_MANY = (
+    "UNWIND $rows AS r "
+    f"MATCH (n:{RECORD} {{ns: $ns, key_hash: r.key_hash}}) "
+    "WITH n, r, n.status IN r.expect AND (r.expect_version IS NULL OR coalesce(n.version, 0) = r.expect_version) AS ok "
+    "FOREACH (_ IN CASE WHEN ok THEN [1] ELSE [] END | SET n.status = r.to, n.updated_at = $now, "
+    "n.due_at = CASE WHEN r.keep_due THEN n.due_at ELSE r.due_at END, "
+    "n.version = coalesce(r.version, n.version), n.seal = coalesce(r.seal, n.seal)) "
+    "REMOVE n._lock "
+    "RETURN n.key_hash AS key_hash, ok"
+)
+_DELETE_MANY = (
+    f"UNWIND $keys AS k MATCH (n:{RECORD} {{ns: $ns, key_hash: k}}) "
+    "WITH n, n.key_hash AS key_hash, n.gen AS gen DELETE n RETURN key_hash, gen"
 )
 _REPLACE_BLOB = (
     f"MATCH (n:{RECORD} {{ns: $ns, key_hash: $key}}) "
@@ -607,6 +630,53 @@ class Neo4jStore(BaseStore):
                 return False
             rows = self._run(tx, statement, params)
         return bool(rows and rows[0]["ok"])
+
+    def transition_many(self, changes: Sequence[TransitionSpec], *, now: float) -> list[str]:
+        """One transaction: lock every node (Neo4j), then ``UNWIND`` compare-and-sets; see the module docstring."""
+        ordered = distinct_changes(changes)
+        rows = [
+            {
+                "key_hash": c.key_hash,
+                "expect": sorted(s.value for s in c.expect),
+                "to": c.to.value,
+                "keep_due": isinstance(c.due_at, Keep),
+                "due_at": None if isinstance(c.due_at, Keep) else _float(c.due_at),
+                "version": None if c.version is None else int(c.version),
+                "seal": None if c.seal is None else str(c.seal),
+                "expect_version": None if c.expect_version is None else int(c.expect_version),
+            }
+            for c in sorted(ordered, key=lambda c: c.key_hash)
+            if c.expect
+        ]
+        moved: set[str] = set()
+        if not rows:
+            return []
+        dialect = self._dialect()
+        with self._transaction(write=True) as tx:
+            if dialect.lock_statement:
+                # Every node's write lock first, in key order (one order for every writer: no deadlock).
+                for group in packed([r["key_hash"] for r in rows], lambda k: len(k) + 4, NEO4J_QUERY_BYTES, most=BATCH_RECORDS):
+                    self._run(tx, _LOCK_MANY, {"ns": self._prefix, "keys": group})
+            budget, size_of = dialect.budget(_TRANSITION_MANY)
+            for group in packed(rows, size_of, budget, most=BATCH_RECORDS):
+                found = self._run(tx, _TRANSITION_MANY, {"ns": self._prefix, "now": float(now), "rows": group})
+                moved.update(str(r["key_hash"]) for r in found if r["ok"])
+        return [c.key_hash for c in ordered if c.key_hash in moved]
+
+    def delete_many(self, key_hashes: Sequence[str]) -> int:
+        keys = sorted(set(key_hashes))
+        if not keys:
+            return 0
+        gone = 0
+        dialect = self._dialect()
+        budget, size_of = dialect.budget(_DELETE_MANY)
+        size = size_of if dialect.literals else (lambda k: len(k) + 4)
+        with self._transaction(write=True) as tx:
+            for group in packed(keys, size, budget, most=BATCH_RECORDS):
+                rows = self._run(tx, _DELETE_MANY, {"ns": self._prefix, "keys": group})
+                gone += len(rows)
+                self._drop_generations(tx, [(str(r["key_hash"]), str(r["gen"])) for r in rows if r["gen"]])
+        return gone
 
     def replace_blob(
         self,

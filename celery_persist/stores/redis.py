@@ -1,4 +1,4 @@
-"""``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``: records in Redis.
+"""``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``, ``redis+cluster://``: records in Redis.
 
 URL:
     Anything ``redis.Redis.from_url`` accepts, passed to it unchanged:
@@ -17,6 +17,17 @@ URL:
     sentinels; other query options are typed as for ``redis://`` and apply to
     the master connections (``?ssl=true`` for TLS).
 
+    Redis Cluster (this store's own form, for ``redis.cluster.RedisCluster``)::
+
+        redis+cluster://[[user]:[password]@]host[:port][,host[:port]...][?option=value...]
+        rediss+cluster://...                                  (TLS to every node)
+
+    Hosts are cluster nodes (default port 6379), masters or replicas: any one
+    that answers is enough to discover the rest, so name several. No ``/db``
+    (a cluster has only database 0). Credentials and query options apply to
+    every node and are typed as for ``redis://``. The equivalent
+    ``redis://host:port`` with the option ``cluster=True`` names one node.
+
 Options:
     ``prefix`` (default ``"celery-persist"``): namespace of every key; must not
     contain ``{`` or ``}``. ``cluster`` (default False): use
@@ -28,6 +39,9 @@ Options:
     connection error, so a wrong password also takes that long to report
     (as :class:`ConfigurationError`).
     ``socket_timeout`` (30 s) / ``socket_connect_timeout`` (5 s).
+    ``wait_replicas`` (default 0) / ``wait_timeout`` (default 1 s): see
+    Replication below; set ``wait_replicas`` to the number of replicas of
+    each master to keep acknowledged writes through a failover.
     ``client_options``: extra keyword arguments for the redis-py client
     (``max_connections``, ``ssl_ca_certs``, ...); they override the above.
     Install ``redis[hiredis]``: replies are parsed by hiredis, while commands
@@ -47,6 +61,7 @@ Layout (``P`` = prefix; every key carries the hash tag ``{P}``)::
     {P}:ix             sorted set, score 0, of "<kind>:<status>:<key_hash>":
                        filtered listing, one ZRANGEBYLEX per (kind, status) range
     {P}:layout         layout version, written by setup()
+    {P}:sync           "1", rewritten before each WAIT (only with wait_replicas)
 
 Every key of one prefix lives in one cluster slot, so Lua scripts and MULTI
 blocks may touch a record, its blob and the indexes together; one prefix is
@@ -68,6 +83,12 @@ Atomicity:
     fail only that command while the SETs still ran.) ``put_many()`` sends
     chunks of 1,000 records or 32 MiB of blobs. ``delete()`` and ``quarantine()``
     (ZREM from the due index, HDEL ``due_at``) are one MULTI each.
+    ``transition_many()`` sends ``transition()``'s script once per record in one
+    pipeline (per 1,000 records): one round trip, each record still its own atomic
+    compare-and-set, sharing one token. ``delete_many()`` is one Lua script per 1,000
+    records (each record's hash, blob and index entries, as ``delete()``). Each call
+    names only the record's keys and its prefix's indexes, all under the prefix's
+    hash tag, so in a cluster a batch goes to the one node that serves the prefix.
 
     redis-py re-sends a command after a connection error or timeout, even when
     the first attempt ran and only its reply was lost. ``put`` is idempotent.
@@ -77,6 +98,27 @@ Atomicity:
     caller win it. A re-sent ``delete`` reports False. A call that still fails
     raises :class:`StoreUnavailable`; its effect is then unknown (a claim made
     that way is a lease that cleanup re-opens).
+
+Replication and failover: Redis replicates asynchronously. A master
+acknowledges a write once it has it (and, under ``appendfsync always``, once
+its AOF is fsynced), before any replica has it. A coordinated failover
+(``CLUSTER FAILOVER``, ``SENTINEL FAILOVER``) waits for the replica to catch
+up and loses nothing; a master that dies (``kill -9``, a crashed host) and is
+replaced by its replica loses what had not reached the replica yet: an
+acknowledged ``put`` is gone, and an acknowledged claim is undone, so another
+worker can win the same record again. With ``wait_replicas=N`` every write
+that changed something (a lost compare-and-set writes nothing) returns only
+after ``WAIT N`` on the node that ran it confirms that N replicas have it;
+unconfirmed, the write is re-sent (see above: safe) until confirmed or
+``retries`` run out, then :class:`StoreUnavailable` (outcome unknown). A write
+is then acknowledged only when a replica that can be promoted has it. With
+more than one replica per master, set N to all of them: Redis promotes the
+most up-to-date replica it can reach, not necessarily one that acknowledged.
+It costs one round trip (and the replica's acknowledgement) per write; a
+master with fewer than N replicas in sync refuses every write (after
+``wait_timeout`` per attempt). On Sentinel, a failover between a write and its
+WAIT can let the new master confirm it; a cluster never does (WAIT goes to the
+node that owned the slot before the write, which refuses once it lost it).
 
 Errors: messages name redis-py's cause (``ConnectionError: Error 111 connecting
 to 127.0.0.1:6379. Connection refused.``), URLs and passwords masked. A URL query
@@ -93,8 +135,11 @@ Fork: the client is created on first use and re-created when ``os.getpid()``
 changes, with a fresh connection pool; a child never sends on its parent's
 sockets nor shuts them down (it only drops its inherited descriptors).
 
-Servers tested: Redis 7.0 standalone (TCP and unix socket), a one-node Redis
-Cluster, Sentinel, with redis-py 8.1 and hiredis 3.5. ``rediss://`` is redis-py's
+Servers tested: Redis 7.0 standalone (TCP and unix socket), Sentinel, a
+one-node Redis Cluster, and a 3-master cluster (the whole conformance suite;
+with one replica each, a coordinated failover and a ``kill -9`` of the master
+mid-race: ``tests/integration/test_redis_cluster_failover.py``), with redis-py
+8.1 and hiredis 3.5. ``rediss://`` is redis-py's
 TLS connection and was not run against a TLS server here.
 """
 
@@ -107,9 +152,9 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from ..errors import ConfigurationError, PersistenceError, StoreUnavailable
 from .base import (
@@ -121,9 +166,11 @@ from .base import (
     ScanRange,
     Status,
     StoredRecord,
+    TransitionSpec,
     batches,
     decode_record,
     decoded,
+    distinct_changes,
     dump_metadata,
     salvage,
 )
@@ -133,6 +180,8 @@ from .redis_conn import SCHEMES, RedisTarget
 __all__ = ["RedisStore"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: Version of the key layout described above; setup() refuses a newer one.
 LAYOUT = "1"
@@ -175,6 +224,33 @@ for i = 0, n - 1 do
 end
 return n
 """
+
+# Batch delete. KEYS: all, due, ix, then (record, blob) per record; ARGV: key_hash per record.
+# Reads each record's kind and status to remove its one listing entry; a hash whose pair is
+# not a known one (edited outside the store) has every possible entry removed instead.
+_DELETE_MANY = """
+local entries = {PAIRS}
+local known = {}
+for _, p in ipairs(entries) do known[p] = true end
+local n = 0
+for i = 1, #ARGV do
+  local rec, kh = KEYS[2 + 2 * i], ARGV[i]
+  local cur = redis.call('HMGET', rec, 'kind', 'status')
+  n = n + redis.call('DEL', rec)
+  redis.call('DEL', KEYS[3 + 2 * i])
+  local pair = (cur[1] or '') .. ':' .. (cur[2] or '') .. ':'
+  if known[pair] then
+    redis.call('ZREM', KEYS[3], pair .. kh)
+  else
+    local all = {}
+    for j, p in ipairs(entries) do all[j] = p .. kh end
+    redis.call('ZREM', KEYS[3], unpack(all))
+  end
+end
+redis.call('ZREM', KEYS[1], unpack(ARGV))
+redis.call('ZREM', KEYS[2], unpack(ARGV))
+return n
+""".replace("PAIRS", ", ".join(f"'{pair}'" for pair in _ALL_PAIRS))
 
 # Compare-and-set on status (and version). KEYS: record, due, ix.
 # ARGV: key_hash, to, due mode (k = keep, n = none, s = set), due_at, now, token,
@@ -233,6 +309,27 @@ class _Conn:
     replace_blob: Any
 
 
+def _transition_argv(change: TransitionSpec, now: float, token: str) -> list[str]:
+    """The transition script's ARGV for ``change`` (the order :meth:`RedisStore.transition` sends)."""
+    if isinstance(change.due_at, Keep):
+        mode, due = "k", ""
+    elif change.due_at is None:
+        mode, due = "n", ""
+    else:
+        mode, due = "s", repr(float(change.due_at))
+    return [
+        change.key_hash,
+        change.to.value,
+        mode,
+        due,
+        repr(float(now)),
+        token,
+        *_token_args(change.version, change.seal),
+        "" if change.expect_version is None else str(int(change.expect_version)),
+        *sorted(s.value for s in change.expect),
+    ]
+
+
 def _token_args(version: int | None, seal: str | None) -> tuple[str, str, str]:
     """The scripts' (new version, seal mode, seal) arguments; '' and 'k' leave them unchanged."""
     return ("" if version is None else str(int(version)), "k" if seal is None else "s", seal or "")
@@ -245,13 +342,15 @@ class RedisStore(BaseStore):
     for layout, atomicity, retries and fork behaviour).
 
     Args:
-        url: ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://`` URL.
+        url: ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or ``redis+cluster://`` URL.
         prefix: Namespace (and cluster hash tag) of every key.
         cluster: Talk to a Redis Cluster through ``RedisCluster.from_url``.
         retries: Reconnect attempts after a connection error or timeout.
         socket_timeout: Seconds to wait for a reply (URL query options win).
         socket_connect_timeout: Seconds to wait for a connection.
         client_options: Extra keyword arguments for the redis-py client.
+        wait_replicas: Replicas that must confirm each write before it returns (0: none).
+        wait_timeout: Seconds each confirmation may wait for them.
 
     Raises:
         ConfigurationError: redis-py is missing, or the URL or an option is invalid.
@@ -274,6 +373,8 @@ class RedisStore(BaseStore):
         socket_timeout: float | None = 30.0,
         socket_connect_timeout: float | None = 5.0,
         client_options: Mapping[str, Any] | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
         self.name = mask_url(url)
         self._redis = require("redis", extra="redis", store="redis")
@@ -284,6 +385,10 @@ class RedisStore(BaseStore):
             )
         if not isinstance(retries, int) or retries < 0:
             raise ConfigurationError(f"retries must be an integer >= 0, not {retries!r}", store=self.name)
+        if not isinstance(wait_replicas, int) or isinstance(wait_replicas, bool) or wait_replicas < 0:
+            raise ConfigurationError(f"wait_replicas must be an integer >= 0, not {wait_replicas!r}", store=self.name)
+        if not isinstance(wait_timeout, int | float) or not wait_timeout > 0:
+            raise ConfigurationError(f"wait_timeout must be a number of seconds > 0, not {wait_timeout!r}", store=self.name)
         self._target = RedisTarget.parse(
             url,
             self._redis,
@@ -293,6 +398,8 @@ class RedisStore(BaseStore):
             client_options=client_options,
         )
         self._retries = retries
+        self._wait_replicas = wait_replicas
+        self._wait_ms = max(1, round(wait_timeout * 1000))
         self._prefix = prefix
         tag = "{" + prefix + "}"
         self._k_rec = f"{tag}:r:"
@@ -301,6 +408,7 @@ class RedisStore(BaseStore):
         self._k_due = f"{tag}:due"
         self._k_ix = f"{tag}:ix"
         self._k_layout = f"{tag}:layout"
+        self._k_sync = f"{tag}:sync"
         self._lock = threading.Lock()
         self._owner_pid = os.getpid()
         self._conn: _Conn | None = None
@@ -392,8 +500,11 @@ class RedisStore(BaseStore):
                 f"Redis is out of memory (maxmemory reached) and refuses writes ({cause}): free memory or raise maxmemory",
                 store=self.name,
             )
-        # ReadOnlyError: a write reached a replica during a failover.
-        if isinstance(err, (exc.ConnectionError, exc.TimeoutError, exc.ClusterError, exc.TryAgainError, exc.ReadOnlyError)):
+        # ReadOnlyError: a write reached a replica during a failover. AskError (and its
+        # subclass MovedError): a cluster slot changed hands, and redis-py gave up following
+        # it (a MULTI pipeline raises the last MOVED once its retries are spent); transient.
+        transient = (exc.ConnectionError, exc.TimeoutError, exc.ClusterError, exc.TryAgainError, exc.ReadOnlyError, exc.AskError)
+        if isinstance(err, transient):
             return StoreUnavailable(
                 f"Redis is unreachable or not accepting commands ({cause}); retry later",
                 store=self.name,
@@ -409,6 +520,73 @@ class RedisStore(BaseStore):
                 return StoreUnavailable(f"Redis refuses commands for now ({cause})", store=self.name)
             return PersistenceError(f"Redis rejected a command ({cause})", store=self.name)
         return PersistenceError(f"Redis client error ({cause})", store=self.name)
+
+    # -- replication (wait_replicas) ------------------------------------------
+
+    def _replicated(self, write: Callable[[], _T], wrote: Callable[[_T], bool] = lambda _: True) -> _T:
+        """Run ``write``; with ``wait_replicas``, return only once that many replicas have it.
+
+        Redis replicates asynchronously: a master acknowledges a write (after its own
+        fsync under ``appendfsync always``) before any replica has it, and a replica
+        promoted after the master dies lacks it. A claim acknowledged that way can be
+        lost and won a second time, a put lost. So, when ``wrote(result)`` (the call
+        changed something), WAIT for the replicas, on the node that ran the write: that
+        node (the master of this prefix's slot in a cluster) is chosen *before* the
+        write, so a write that a failover sent elsewhere is never confirmed by
+        another master's replicas.
+
+        WAIT covers the writes made on its own connection, and the write went through
+        the client's pool (or a cluster's redirections), so the confirming connection
+        first writes ``{P}:sync`` itself: replication is in order, so the replicas
+        that have that write have ours. Not confirmed (too few replicas answered within
+        ``wait_timeout``, the node is gone or no longer a master): the write is sent
+        again, which is safe as for redis-py's own re-sends (``put`` is idempotent,
+        ``transition`` / ``replace_blob`` keep their token, so a re-sent claim that
+        survived the failover answers True again and one that was lost is decided
+        afresh on the new master), up to ``retries`` times with backoff; then
+        :class:`StoreUnavailable`, the write's fate unknown.
+        """
+        if not self._wait_replicas:
+            return write()
+        missing = ""
+        for attempt in range(self._retries + 1):
+            if attempt:
+                time.sleep(min(1.0, 0.05 * 2 ** (attempt - 1)) * (0.5 + secrets.randbelow(1000) / 2000))
+            with self._errors():
+                node = self._write_node()
+            result = write()
+            if not wrote(result):
+                return result
+            missing = self._confirm(node)
+            if not missing:
+                return result
+            log.warning("redis store %s: write not confirmed by %d replica(s): %s", self.name, self._wait_replicas, missing)
+        raise StoreUnavailable(
+            f"a write was not confirmed by {self._wait_replicas} replica(s) after {self._retries + 1} attempts "
+            f"({missing}); it may or may not have been applied",
+            store=self.name,
+        )
+
+    def _write_node(self) -> Any:
+        """A client of the one server that serves this prefix's writes now."""
+        client = self._connection().client
+        if self._target.cluster:
+            # The node's own client: no redirection, so a node that lost its slot refuses (MOVED).
+            return client.get_redis_connection(client.get_node_from_key(self._k_all))
+        return client
+
+    def _confirm(self, node: Any) -> str:
+        """'' when ``wait_replicas`` replicas of ``node`` have everything written there so far, else why not."""
+        try:
+            pipe = node.pipeline(transaction=False)
+            pipe.execute_command("SET", self._k_sync, b"1")
+            pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
+            acked = int(pipe.execute()[1])
+        except (self._redis.exceptions.RedisError, OSError) as err:
+            return self._describe(err)
+        if acked < self._wait_replicas:
+            return f"{acked} replica(s) acknowledged within {self._wait_ms} ms"
+        return ""
 
     # -- store contract -----------------------------------------------------
 
@@ -456,6 +634,9 @@ class RedisStore(BaseStore):
         # Last write of a key wins, as if put one by one; a duplicate would also
         # let an earlier record's out-of-script SET land after a later inline blob.
         unique = list({r.key_hash: r for r in records}.values())
+        self._replicated(lambda: self._write_once(unique))
+
+    def _write_once(self, unique: Sequence[StoredRecord]) -> None:
         with self._errors():
             pipe = self._connection().client.pipeline(transaction=True)
             for start in range(0, len(unique), _SCRIPT_BATCH):
@@ -494,6 +675,9 @@ class RedisStore(BaseStore):
         return None if found is None else decoded(found, store=self.name)
 
     def delete(self, key_hash: str) -> bool:
+        return self._replicated(lambda: self._delete_once(key_hash))
+
+    def _delete_once(self, key_hash: str) -> bool:
         with self._errors():
             pipe = self._connection().client.pipeline(transaction=True)
             pipe.execute_command("DEL", self._k_rec + key_hash)
@@ -538,10 +722,73 @@ class RedisStore(BaseStore):
             "" if expect_version is None else str(int(expect_version)),
             *(Status(s).value for s in expect),
         ]
+
+        def attempt() -> bool:
+            with self._errors():
+                conn = self._connection()
+                return bool(conn.transition(keys=[self._k_rec + key_hash, self._k_due, self._k_ix], args=args) == 1)
+
+        # A lost compare-and-set wrote nothing: only a win waits for the replicas.
+        return self._replicated(attempt, wrote=bool)
+
+    # -- batches (cleanup, resume_many) ----------------------------------------
+
+    def transition_many(self, changes: Sequence[TransitionSpec], *, now: float) -> list[str]:
+        """:meth:`transition`'s script for each change, pipelined: one round trip per 1,000 records."""
+        ordered = distinct_changes(changes)
+        wanted = [c for c in ordered if c.expect]
+        # One token for the call, as transition() has one: a re-sent pipeline answers like the first.
+        token = secrets.token_hex(8)
+        moved: set[str] = set()
+        for start in range(0, len(wanted), _CHUNK_RECORDS):
+            moved.update(self._transition_part(wanted[start : start + _CHUNK_RECORDS], now, token))
+        return [c.key_hash for c in ordered if c.key_hash in moved]
+
+    def _transition_part(self, part: Sequence[TransitionSpec], now: float, token: str) -> list[str]:
+        calls = [([self._k_rec + c.key_hash, self._k_due, self._k_ix], _transition_argv(c, now, token)) for c in part]
+        # Only a batch that moved something waits for the replicas.
+        won = self._replicated(lambda: self._transitions(calls), wrote=any)
+        return [c.key_hash for c, w in zip(part, won, strict=True) if w]
+
+    def _transitions(self, calls: Sequence[tuple[list[str], list[str]]]) -> list[bool]:
+        """EVALSHA of the transition script per call in one pipeline; loads the script once on NOSCRIPT."""
+        won = [False] * len(calls)
+        pending = list(range(len(calls)))
         with self._errors():
             conn = self._connection()
-            won = conn.transition(keys=[self._k_rec + key_hash, self._k_due, self._k_ix], args=args)
-        return bool(won == 1)
+            for _ in range(2):
+                pipe = conn.client.pipeline(transaction=False)
+                for i in pending:
+                    keys, args = calls[i]
+                    pipe.execute_command("EVALSHA", conn.transition.sha, len(keys), *keys, *args)
+                missing = []
+                for i, reply in zip(pending, pipe.execute(raise_on_error=False), strict=True):
+                    if isinstance(reply, self._redis.exceptions.NoScriptError):
+                        missing.append(i)  # not run: safe to send again
+                    elif isinstance(reply, Exception):
+                        raise reply
+                    else:
+                        won[i] = reply == 1
+                if not missing:
+                    return won
+                conn.client.script_load(conn.transition.script)
+                pending = missing
+        raise StoreUnavailable("Redis kept refusing the transition script (NOSCRIPT after SCRIPT LOAD)", store=self.name)
+
+    def delete_many(self, key_hashes: Sequence[str]) -> int:
+        keys = list(dict.fromkeys(key_hashes))
+        return sum(self._delete_part(keys[start : start + _CHUNK_RECORDS]) for start in range(0, len(keys), _CHUNK_RECORDS))
+
+    def _delete_part(self, part: Sequence[str]) -> int:
+        return self._replicated(lambda: self._delete_many_once(part))
+
+    def _delete_many_once(self, part: Sequence[str]) -> int:
+        keys = [self._k_all, self._k_due, self._k_ix]
+        for kh in part:
+            keys += (self._k_rec + kh, self._k_blob + kh)
+        with self._errors():
+            # EVAL with the text, as put_many's: small next to the keys, and never NOSCRIPT.
+            return int(self._connection().client.execute_command("EVAL", _DELETE_MANY, len(keys), *keys, *part))
 
     def replace_blob(
         self,
@@ -554,13 +801,17 @@ class RedisStore(BaseStore):
         seal: str | None = None,
     ) -> bool:
         token = secrets.token_hex(8)
-        with self._errors():
-            conn = self._connection()
-            swapped = conn.replace_blob(
-                keys=[self._k_rec + key_hash, self._k_blob + key_hash],
-                args=[old_blob, new_blob, repr(float(now)), token, *_token_args(version, seal)],
-            )
-        return bool(swapped == 1)
+
+        def attempt() -> bool:
+            with self._errors():
+                conn = self._connection()
+                swapped = conn.replace_blob(
+                    keys=[self._k_rec + key_hash, self._k_blob + key_hash],
+                    args=[old_blob, new_blob, repr(float(now)), token, *_token_args(version, seal)],
+                )
+            return bool(swapped == 1)
+
+        return self._replicated(attempt, wrote=bool)
 
     def scan(
         self,
@@ -691,6 +942,9 @@ class RedisStore(BaseStore):
 
     def quarantine(self, key_hash: str) -> bool:
         """One MULTI: ZREM from the due index and HDEL ``due_at``; the hash is never read."""
+        return self._replicated(lambda: self._quarantine_once(key_hash))
+
+    def _quarantine_once(self, key_hash: str) -> bool:
         with self._errors():
             pipe = self._connection().client.pipeline(transaction=True)
             pipe.execute_command("EXISTS", self._k_rec + key_hash)
@@ -762,6 +1016,13 @@ class RedisStore(BaseStore):
         if conn is not None and conn.pid == os.getpid():
             with contextlib.suppress(Exception):
                 conn.client.close()
+            if self._target.cluster:
+                # RedisCluster.close() closes its node clients, but a node client built around
+                # a pool (as from_url builds them) leaves that pool's sockets open until GC.
+                with contextlib.suppress(Exception):
+                    for node in conn.client.get_nodes():
+                        if node.redis_connection is not None:
+                            node.redis_connection.connection_pool.disconnect()
 
 
 def _durability_warnings(info: Mapping[str, Any], save: str | None) -> list[str]:

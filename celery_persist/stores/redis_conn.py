@@ -5,6 +5,9 @@ store is opened: standalone (``redis://``, ``rediss://``, ``unix://``), Redis Cl
 Sentinel (``redis+sentinel://``, this package's own form: redis-py has no URL for it).
 :meth:`RedisTarget.connect` builds the redis-py client, in the process that will use it.
 
+Cluster: ``redis+cluster://`` / ``rediss+cluster://`` (this package's own form, naming one
+or more nodes), or a ``redis://`` / ``rediss://`` URL with the store option ``cluster=True``.
+
 Clients pack commands with :class:`_SplitPacker`: hiredis for commands with small
 arguments, and redis-py's pure-Python packer, which sends a large value without copying
 it, for commands with an argument over 64 KiB.
@@ -17,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
-from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConfigurationError
 from .drivers import mask_url, require
@@ -25,7 +28,10 @@ from .drivers import mask_url, require
 __all__ = ["RedisTarget", "SCHEMES"]
 
 #: URL schemes the Redis store serves.
-SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "rediss+cluster")
+#: This package's cluster schemes -> the redis-py scheme of their nodes.
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+_REDIS_PORT = 6379
 #: Commands with an argument larger than this are packed without copying it.
 _LARGE_ARG = 64 * 1024
 _SENTINEL_PORT = 26379
@@ -40,7 +46,8 @@ class RedisTarget:
     """The store URL, parsed and checked: which servers, and the client options.
 
     Attributes:
-        url: The URL as given (handed to redis-py unchanged, except for sentinels).
+        url: The URL as given (handed to redis-py unchanged, except for sentinels and
+            ``redis+cluster://``).
         name: The URL with its password masked, for messages.
         mode: ``"standalone"``, ``"cluster"`` or ``"sentinel"``.
         options: Keyword arguments for the redis-py client (store options, then
@@ -53,6 +60,9 @@ class RedisTarget:
         refused_options: URL query options no class on redis-py's way takes
             (see :meth:`check`); names only.
         connection_class: Name of the connection class they were checked against.
+        cluster_url: For ``redis+cluster://``: the ``redis://`` / ``rediss://`` URL of its
+            first node that ``RedisCluster.from_url`` reads (credentials, query options).
+        cluster_nodes: For ``redis+cluster://``: ``(host, port)`` of its other nodes.
     """
 
     url: str
@@ -65,6 +75,8 @@ class RedisTarget:
     sentinel_options: Mapping[str, Any] = field(default_factory=dict)
     refused_options: tuple[str, ...] = ()
     connection_class: str = ""
+    cluster_url: str = ""
+    cluster_nodes: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def parse(
@@ -95,6 +107,8 @@ class RedisTarget:
             if cluster:
                 raise ConfigurationError("cluster=True does not combine with redis+sentinel://", store=name)
             target = cls._parse_sentinel(url, name, redis, options)
+        elif scheme in _CLUSTER_SCHEMES:
+            target = cls._parse_cluster(url, name, scheme, redis, options)
         else:
             if cluster and scheme == "unix":
                 raise ConfigurationError("Redis Cluster does not serve unix:// sockets", store=name)
@@ -125,11 +139,40 @@ class RedisTarget:
         return target
 
     @classmethod
+    def _parse_cluster(cls, url: str, name: str, scheme: str, redis: ModuleType, options: dict[str, Any]) -> RedisTarget:
+        """``redis+cluster://[user:password@]host[:port][,host[:port]...][/0][?option=value...]``.
+
+        Any one reachable node is enough to discover the cluster; naming several keeps a
+        new client working while one of them is down. The first node, the credentials and
+        the query options become a ``redis://`` (``rediss://``) URL for
+        ``RedisCluster.from_url``, so they are typed exactly as there; the other nodes are
+        passed as ``startup_nodes``.
+        """
+        parts = urlsplit(url)
+        userinfo, _, hostlist = parts.netloc.rpartition("@")
+        nodes = _host_list(hostlist, url, _REDIS_PORT)
+        db = parts.path.strip("/")
+        if not nodes or "/" in db:
+            raise ConfigurationError(
+                f"cluster URL {name!r} must look like '{scheme}://[user:password@]host[:port][,host[:port]...][?option=value...]'"
+            )
+        if db not in ("", "0"):
+            raise ConfigurationError("Redis Cluster has only database 0; drop the /db from the URL", store=name)
+        host, port = nodes[0]
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        seed = urlunsplit((_CLUSTER_SCHEMES[scheme], f"{userinfo}@{netloc}" if userinfo else netloc, "", parts.query, ""))
+        try:
+            url_options = dict(redis.connection.parse_url(seed))
+        except ValueError as exc:
+            raise ConfigurationError(f"bad Redis URL {name!r}: {exc}", store=name) from None
+        return cls(url, name, "cluster", options, url_options=url_options, cluster_url=seed, cluster_nodes=tuple(nodes[1:]))
+
+    @classmethod
     def _parse_sentinel(cls, url: str, name: str, redis: ModuleType, options: dict[str, Any]) -> RedisTarget:
         """``redis+sentinel://[user:password@]host[:port][,host[:port]...]/service_name[/db][?option=value...]``."""
         parts = urlsplit(url)
         userinfo, _, hostlist = parts.netloc.rpartition("@")
-        sentinels = _sentinel_hosts(hostlist, url)
+        sentinels = _host_list(hostlist, url, _SENTINEL_PORT)
         segments = [unquote(s) for s in parts.path.split("/") if s]
         if not sentinels or not segments or len(segments) > 2:
             raise ConfigurationError(
@@ -225,8 +268,10 @@ class RedisTarget:
                 pool_class = _packer_pool_class(redis, packer)
             if pool_class is not None:
                 options["connection_pool_class"] = pool_class
+            if self.cluster_nodes:
+                options["startup_nodes"] = [cluster_mod.ClusterNode(host, port) for host, port in self.cluster_nodes]
             # Cluster node connections never retry; RedisCluster retries, re-reading the topology.
-            return cluster_mod.RedisCluster.from_url(self.url, retry=retry, **options)
+            return cluster_mod.RedisCluster.from_url(self.cluster_url or self.url, retry=retry, **options)
         options.setdefault("retry", retry)
         if packer is not None:
             options.setdefault("command_packer", packer)
@@ -269,9 +314,9 @@ def _refused(names: Iterable[str], classes: Iterable[type[Any]], popped: Iterabl
     return tuple(sorted(set(names) - _init_parameters(classes) - set(popped)))
 
 
-def _sentinel_hosts(hostlist: str, url: str) -> list[tuple[str, int]]:
-    """``host[:port],[v6addr]:port,...`` -> ``[(host, port), ...]`` (default port 26379)."""
-    sentinels: list[tuple[str, int]] = []
+def _host_list(hostlist: str, url: str, default_port: int) -> list[tuple[str, int]]:
+    """``host[:port],[v6addr]:port,...`` -> ``[(host, port), ...]``."""
+    hosts: list[tuple[str, int]] = []
     for item in hostlist.split(","):
         item = item.strip()
         if not item:
@@ -284,10 +329,10 @@ def _sentinel_hosts(hostlist: str, url: str) -> list[tuple[str, int]]:
             if not sep:
                 host, port = item, ""
         try:
-            sentinels.append((unquote(host), int(port) if port else _SENTINEL_PORT))
+            hosts.append((unquote(host), int(port) if port else default_port))
         except ValueError:
-            raise ConfigurationError(f"bad sentinel port in {mask_url(url)!r}") from None
-    return sentinels
+            raise ConfigurationError(f"bad port in {mask_url(url)!r}") from None
+    return hosts
 
 
 class _SplitPacker:

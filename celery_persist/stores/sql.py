@@ -51,6 +51,19 @@ compares ``SHA2(blob, 256)``, computed by the server, with the digest of the
 old blob, which PyMySQL would otherwise send hex-encoded; the record row's
 ``updated_at``, ``version`` and ``seal`` are set in the same transaction.
 
+Batches: :meth:`SQLStore.transition_many` on PostgreSQL is one ``UPDATE ... FROM
+unnest(:keys, :expects, ...) AS v WHERE t.key_hash = v.key_hash AND <v's status and version
+checks> RETURNING key_hash`` per 500 changes, in autocommit: the same row-lock compare-and-set
+as :meth:`SQLStore.transition`, once per row, with the arrays as eight parameters whatever
+the batch size. SQLite and MySQL (no ``UPDATE ... RETURNING``) run one transaction per 500:
+``SELECT key_hash, status, version ... WHERE key_hash IN (...)`` (``FOR UPDATE`` on MySQL;
+SQLite's ``BEGIN IMMEDIATE`` already holds the write lock), the checks in Python, then one
+``UPDATE ... SET status = CASE WHEN key_hash = ... THEN ... END, ... WHERE key_hash IN (<winners>)``.
+:meth:`SQLStore.delete_many` is one ``WITH gone AS (DELETE ... WHERE key_hash = ANY(:keys)
+RETURNING key_hash) DELETE FROM blobs ...`` on PostgreSQL, one transaction of two ``DELETE
+... WHERE key_hash IN (...)`` elsewhere, per 1,000 keys. Keys are sent sorted, so concurrent
+batches lock rows in one order.
+
 Transactions: PostgreSQL runs in autocommit, as every operation except
 :meth:`SQLStore.put_many`, :meth:`SQLStore.replace_blob` and
 :meth:`SQLStore.setup` is one statement (:meth:`SQLStore.put` and
@@ -89,7 +102,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
@@ -98,7 +111,22 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
 
 from ..errors import ConfigurationError, PersistenceError, StoreUnavailable
-from .base import KEEP, BaseStore, Keep, Kind, Page, Status, StoredRecord, decode_record, decoded, dump_metadata, salvage, token_changes
+from .base import (
+    KEEP,
+    BaseStore,
+    Keep,
+    Kind,
+    Page,
+    Status,
+    StoredRecord,
+    TransitionSpec,
+    decode_record,
+    decoded,
+    distinct_changes,
+    dump_metadata,
+    salvage,
+    token_changes,
+)
 from .drivers import describe
 from .sql_engine import SQLTarget
 from .sql_migrations import MIGRATIONS, MYSQL, Schema
@@ -112,6 +140,13 @@ logger = logging.getLogger(__name__)
 
 _PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
 _BATCH = 1000
+#: Changes per transition_many statement (SQLite / MySQL: ~9 parameters per change).
+_CHANGES = 500
+
+
+def _expect_text(expect: Collection[Status]) -> str:
+    """``{claimed, suspended}`` -> ``",claimed,suspended,"``: what the PostgreSQL batch matches a status in."""
+    return "," + ",".join(sorted(Status(s).value for s in expect)) + ","
 
 
 class SQLStore(BaseStore):
@@ -170,6 +205,7 @@ class SQLStore(BaseStore):
         self._without_blob: sa.Select[Any] = sa.select(*t.c).execution_options(persist_binary=True)
         self._put_one = self._build_put_one() if self.dialect == "postgresql" else None
         self._delete_one = self._build_delete_one() if self.dialect == "postgresql" else None
+        self._many_pg = self._build_many_pg() if self.dialect == "postgresql" else None
 
     # -- statements ---------------------------------------------------------------------------
 
@@ -197,6 +233,29 @@ class SQLStore(BaseStore):
         t, b = self.table, self.blobs
         gone = sa.delete(t).where(t.c.key_hash == sa.bindparam("key_hash")).returning(t.c.key_hash).cte("persist_gone")
         return sa.delete(b).where(b.c.key_hash.in_(sa.select(gone.c.key_hash))).add_cte(gone)
+
+    def _build_many_pg(self) -> tuple[sa.TextClause, sa.TextClause]:
+        """PostgreSQL: (transition_many, delete_many) as one statement each, arrays as parameters."""
+        # Table names come from the checked prefix, quoted by the dialect: no value is ever written in.
+        quote = postgresql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
+        records, blobs = quote.format_table(self.table), quote.format_table(self.blobs)
+        transition = sa.text(
+            f"UPDATE {records} AS t SET status = v.to_status, updated_at = CAST(:now AS float8), "  # noqa: S608
+            "due_at = CASE WHEN v.keep_due THEN t.due_at ELSE v.due_at END, "
+            "version = COALESCE(v.version, t.version), seal = COALESCE(v.seal, t.seal) "
+            "FROM unnest(CAST(:keys AS text[]), CAST(:expects AS text[]), CAST(:tos AS text[]), CAST(:keeps AS boolean[]), "
+            "CAST(:dues AS float8[]), CAST(:versions AS bigint[]), CAST(:seals AS text[]), CAST(:evs AS bigint[])) "
+            "AS v(key_hash, expect, to_status, keep_due, due_at, version, seal, expect_version) "
+            "WHERE t.key_hash = v.key_hash AND strpos(v.expect, ',' || t.status || ',') > 0 "
+            "AND (v.expect_version IS NULL OR t.version = v.expect_version) "
+            "RETURNING t.key_hash"
+        )
+        delete = sa.text(
+            f"WITH gone AS (DELETE FROM {records} WHERE key_hash = ANY(CAST(:keys AS text[])) RETURNING key_hash), "  # noqa: S608
+            f"gone_blobs AS (DELETE FROM {blobs} WHERE key_hash IN (SELECT key_hash FROM gone)) "
+            "SELECT count(*) FROM gone"
+        )
+        return transition, delete
 
     # -- engine and connections ---------------------------------------------------------------
 
@@ -465,6 +524,81 @@ class SQLStore(BaseStore):
         with self._connect(write=True) as conn:
             return conn.execute(sa.update(t).where(*where).values(**values)).rowcount == 1
 
+    def transition_many(self, changes: Sequence[TransitionSpec], *, now: float) -> list[str]:
+        """One statement (PostgreSQL) or one transaction (SQLite, MySQL) per 500 changes; see the module docstring."""
+        ordered = distinct_changes(changes)
+        by_key = {c.key_hash: c for c in ordered if c.expect}
+        keys = sorted(by_key)
+        moved: set[str] = set()
+        for i in range(0, len(keys), _CHANGES):
+            part = [by_key[k] for k in keys[i : i + _CHANGES]]
+            moved.update(self._transition_pg(part, now) if self._many_pg is not None else self._transition_locked(part, now))
+        return [c.key_hash for c in ordered if c.key_hash in moved]
+
+    def _transition_pg(self, part: Sequence[TransitionSpec], now: float) -> list[str]:
+        assert self._many_pg is not None
+        params = {
+            "now": float(now),
+            "keys": [c.key_hash for c in part],
+            "expects": [_expect_text(c.expect) for c in part],
+            "tos": [c.to.value for c in part],
+            "keeps": [isinstance(c.due_at, Keep) for c in part],
+            "dues": [None if isinstance(c.due_at, Keep) or c.due_at is None else float(c.due_at) for c in part],
+            "versions": [None if c.version is None else int(c.version) for c in part],
+            "seals": [None if c.seal is None else str(c.seal) for c in part],
+            "evs": [None if c.expect_version is None else int(c.expect_version) for c in part],
+        }
+        with self._connect(write=True) as conn:
+            return [str(k) for k in conn.execute(self._many_pg[0], params).scalars()]
+
+    def _transition_locked(self, part: Sequence[TransitionSpec], now: float) -> list[str]:
+        """SQLite / MySQL: read the rows under the write lock (``FOR UPDATE``), check, update the winners in one statement."""
+        t = self.table
+        with self._connect(write=True, transaction=True) as conn:
+            rows = conn.execute(
+                sa.select(t.c.key_hash, t.c.status, t.c.version).where(t.c.key_hash.in_([c.key_hash for c in part])).with_for_update()
+            ).all()
+            found = {str(r.key_hash): (str(r.status), int(r.version or 0)) for r in rows}
+            won = [
+                c
+                for c in part
+                if c.key_hash in found
+                and found[c.key_hash][0] in {s.value for s in c.expect}
+                and (c.expect_version is None or found[c.key_hash][1] == int(c.expect_version))
+            ]
+            if not won:
+                return []
+            values: dict[str, Any] = {"updated_at": float(now), "status": self._case(t.c.status, {c.key_hash: c.to.value for c in won})}
+            dues = {c.key_hash: None if c.due_at is None else float(c.due_at) for c in won if not isinstance(c.due_at, Keep)}
+            versions = {c.key_hash: int(c.version) for c in won if c.version is not None}
+            seals = {c.key_hash: str(c.seal) for c in won if c.seal is not None}
+            for column, chosen in (("due_at", dues), ("version", versions), ("seal", seals)):
+                if chosen:
+                    values[column] = self._case(t.c[column], chosen)
+            conn.execute(sa.update(t).where(t.c.key_hash.in_([c.key_hash for c in won])).values(**values))
+            return [c.key_hash for c in won]
+
+    def _case(self, column: sa.Column[Any], chosen: dict[str, Any]) -> Any:
+        """``CASE WHEN key_hash = :k THEN :v ... ELSE column END``, each value bound with ``column``'s type."""
+        whens = [(self.table.c.key_hash == k, sa.literal(v, column.type) if v is not None else sa.null()) for k, v in chosen.items()]
+        return sa.case(*whens, else_=column)
+
+    def delete_many(self, key_hashes: Sequence[str]) -> int:
+        """One statement (PostgreSQL) or one two-statement transaction per 1,000 keys, in key order."""
+        t, b = self.table, self.blobs
+        keys = sorted(set(key_hashes))
+        gone = 0
+        for i in range(0, len(keys), _BATCH):
+            part = keys[i : i + _BATCH]
+            if self._many_pg is not None:
+                with self._connect(write=True) as conn:
+                    gone += int(conn.execute(self._many_pg[1], {"keys": part}).scalar() or 0)
+                continue
+            with self._connect(write=True, transaction=True) as conn:
+                gone += int(conn.execute(sa.delete(t).where(t.c.key_hash.in_(part))).rowcount or 0)
+                conn.execute(sa.delete(b).where(b.c.key_hash.in_(part)))
+        return gone
+
     def replace_blob(
         self,
         key_hash: str,
@@ -512,6 +646,10 @@ class SQLStore(BaseStore):
         stmt = self._select(with_blob=with_blob)
         if cursor is not None:
             stmt = stmt.where(t.c.key_hash > cursor)
+            if with_blob:
+                # The same bound on the blobs side of the join: without it PostgreSQL may plan a
+                # merge join that walks the blobs index from its first row up to the cursor.
+                stmt = stmt.where(self.blobs.c.key_hash > cursor)
         if kind is not None:
             stmt = stmt.where(t.c.kind == str(kind))
         if status is not None:
