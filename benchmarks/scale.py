@@ -146,7 +146,9 @@ class Clock:
 class RecordSource:
     """Yields batches of records: ``n`` in all, ``e1`` + ``e2`` of them expired, spread evenly."""
 
-    def __init__(self, clock: Clock, blob_size: int, n: int, e1: int, e2: int, seed: int) -> None:
+    def __init__(self, clock: Clock, blob_size: int, n: int, e1: int, e2: int, seed: int, sealer: PersistenceHub | None = None) -> None:
+        #: Seals the expired records as the hub would (cleanup checks seals and sets aside what fails).
+        self.sealer = sealer
         self.clock = clock
         self.blob_size = blob_size
         self.n = n
@@ -167,7 +169,7 @@ class RecordSource:
         else:
             due = now + rng.uniform(HOUR, 7 * DAY)
         created = min(due, now) - rng.uniform(60.0, 3 * DAY)
-        return StoredRecord(
+        rec = StoredRecord(
             key_hash=key_hash,
             kind=Kind.SUSPENSION,
             status=Status.SUSPENDED,
@@ -178,6 +180,9 @@ class RecordSource:
             due_at=due,
             updated_at=created,
         )
+        if group and self.sealer is not None:
+            rec = rec.replace(version=1, seal=self.sealer._seal_of(rec, version=1))
+        return rec
 
     def batches(self) -> Iterator[list[StoredRecord]]:
         """Batches of BATCH records, each with its own random key hash and blob (distinct bytes objects)."""
@@ -863,7 +868,8 @@ def run_store(target: Target, opts: Options, clock: Clock, ring: Keyring, blob_s
         store = stores["main"] = target.open("main")
         store.setup()
         target.before_write(store, "main")
-        source = RecordSource(clock, blob_size, n, e, e, seed=1)
+        sealer = PersistenceHub(open_store("memory://"), keyring=ring, encryption="required")
+        source = RecordSource(clock, blob_size, n, e, e, seed=1, sealer=sealer)
         say(f"writing {n:,} records ({2 * e:,} of them expired) ...")
         if opts.profile:
             prof = cProfile.Profile()
@@ -885,7 +891,7 @@ def run_store(target: Target, opts: Options, clock: Clock, ring: Keyring, blob_s
         for role, group in (("base1", 1), ("base2", 2)):
             base = stores[role] = target.open(role)
             base.setup()
-            src = RecordSource(clock, blob_size, e, e if group == 1 else 0, e if group == 2 else 0, seed=group + 1)
+            src = RecordSource(clock, blob_size, e, e if group == 1 else 0, e if group == 2 else 0, seed=group + 1, sealer=sealer)
             write(base, src, float("inf"), lambda w, s: None)
         profiled: set[str] = set()
         for method, now, where, role in (
