@@ -26,23 +26,28 @@ N_OUTAGE = int(os.environ.get("CELERY_PERSIST_TEST_OUTAGE_FLOWS", "60"))
 pytestmark = pytest.mark.e2e
 
 
-def test_a_wait_in_a_chord_header_fails_the_chord_instead_of_hanging(stack: Stack) -> None:
+def test_a_wait_in_a_chord_header_parks_and_the_body_runs_once_resumed(stack: Stack) -> None:
+    """0.1 parked the header member and the body never ran; 0.2 refused it; now the member reports when resumed."""
     tag = stack.tag()
     res = chord(
         [stack.sig("e2e.review", "a"), stack.await_input(prompt="inside a chord?")],
         stack.sig("e2e.publish", tag=tag),
     ).apply_async()
-    # 0.1 parked the header member and the body never ran, with no error anywhere.
-    wait_for(lambda: res.state == "FAILURE", 30, f"the chord to fail (is {res.state})")
-    assert "group or a chord header" in str(res.result)
-    assert stack.recorded(tag) == []  # the body did not run
+    member = res.parent.results[1]
+    key = stack.persist.suspension_key(member, timeout=30)
+    assert res.state == "PENDING" and stack.recorded(tag) == []  # the body waits for the parked member
+    stack.persist.resume(key, "b")
+    assert res.get(timeout=30) == {"published": ["reviewed:a", "b"]}
+    assert stack.recorded(tag) == [["reviewed:a", "b"]]
 
 
-def test_a_wait_in_a_group_fails_that_member(stack: Stack) -> None:
+def test_a_wait_in_a_group_parks_that_member_only(stack: Stack) -> None:
     res = group(stack.sig("e2e.review", "a"), chain(stack.sig("e2e.review", "b"), stack.await_input())).apply_async()
-    wait_for(lambda: res.ready(), 30, "the group to finish")
-    states = sorted(r.state for r in res.results)
-    assert states == ["FAILURE", "SUCCESS"], states
+    key = stack.persist.suspension_key(res.results[1], timeout=30)
+    wait_for(lambda: res.results[0].ready(), 30, "the other member to finish")
+    assert not res.ready()
+    stack.persist.resume(key, "done")
+    assert res.get(timeout=30) == ["reviewed:a", "done"]
 
 
 @pytest.fixture(scope="module")
