@@ -16,11 +16,9 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from .errors import AlreadyResumed, ConfigurationError, PersistenceError
-from .flow import continue_flow
-from .hub import PersistenceHub, Suspension
+from .errors import ConfigurationError, PersistenceError
+from .flow import send_on
 from .registry import Binding
-from .retry import with_store_retry
 
 if TYPE_CHECKING:
     from celery.result import AsyncResult
@@ -69,32 +67,7 @@ def resume_many(binding: Binding, items: Iterable[tuple[str, Any]], *, batch: in
                 outcomes.append(claim)
                 continue
             try:
-                outcomes.append(_send_on(binding, hub, key, claim))
+                outcomes.append(send_on(binding, key, claim))
             except Exception as exc:  # noqa: BLE001 - the outcome of this key; the others go on
                 outcomes.append(exc)
     return outcomes
-
-
-def _send_on(binding: Binding, hub: PersistenceHub, key: str, suspension: Suspension) -> AsyncResult | None:
-    """Send on a flow this process has claimed, as :func:`celery_persist.flow.resume` does after its claim."""
-    token = suspension.claim_token
-    if token is None:
-        return None  # an approval was recorded; more are needed
-    value = suspension.input
-    if suspension.metadata.get("wait") == "timer":
-        hub.release(key, token=token)
-        raise ConfigurationError("a sleeping flow is not resumed by key: its timer fires at wake_at (cancel it to stop the flow)")
-    try:
-        # Recorded before anything is sent: from here on the claim is finished, never re-opened.
-        delivery = hub.record_dispatch(key, value)
-    except BaseException:
-        hub.release(key, token=token)
-        raise
-    result = continue_flow(binding, suspension, value, delivery=delivery)
-    try:
-        with_store_retry(lambda: hub.complete(key, token=token), binding.config.store_retry, what="completing a resume")
-    except AlreadyResumed:
-        # The lease lapsed while this resumer was slow and cleanup finished the dispatch:
-        # the flow goes on (a worker runs one copy of the continuation).
-        logger.info("celery-persist: suspension %s was completed by cleanup meanwhile", suspension.fingerprint)
-    return result

@@ -71,6 +71,7 @@ __all__ = [
     "request_context",
     "key_of",
     "resume",
+    "send_on",
     "cancel",
     "cleanup",
 ]
@@ -684,21 +685,31 @@ def resume(binding: Binding, key: str, input: Any, *, by: str | None = None) -> 
     the list of approvals.
     """
     hub = binding.ready()
-    suspension = hub.claim(key, input, by=by)
-    if suspension.claim_token is None:
-        return None  # an approval was recorded; more are needed
+    return send_on(binding, key, hub.claim(key, input, by=by))
+
+
+def send_on(binding: Binding, key: str, suspension: Suspension) -> AsyncResult | None:
+    """Send on the flow of ``suspension``, which this process has just claimed under ``key``.
+
+    The dispatch is recorded first (from then on the claim is finished, never
+    re-opened), the continuation sent, and the claim completed (retrying
+    through a brief store outage); the claim is released if recording fails.
+    None when the claim was an approval that did not complete the quorum.
+    """
+    hub = binding.ready()
     token = suspension.claim_token
-    input = suspension.input
+    if token is None:
+        return None  # an approval was recorded; more are needed
+    value = suspension.input
     if suspension.metadata.get("wait") == "timer":
         hub.release(key, token=token)
         raise ConfigurationError("a sleeping flow is not resumed by key: its timer fires at wake_at (cancel it to stop the flow)")
     try:
-        # Recorded before anything is sent: from here on the claim is finished, never re-opened.
-        delivery = hub.record_dispatch(key, input)
+        delivery = hub.record_dispatch(key, value)
     except BaseException:
         hub.release(key, token=token)
         raise
-    result = continue_flow(binding, suspension, input, delivery=delivery)
+    result = continue_flow(binding, suspension, value, delivery=delivery)
     try:
         with_store_retry(lambda: hub.complete(key, token=token), binding.config.store_retry, what="completing a resume")
     except AlreadyResumed:
