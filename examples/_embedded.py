@@ -222,7 +222,11 @@ class Worker:
             raise RuntimeError("the worker is not running")
         return self.proc.pid
 
-    def start(self, timeout: float = WORKER_START_TIMEOUT) -> Worker:
+    #: What the subprocess logs once it serves (a subclass may run another celery command).
+    ready_marker = b" ready."
+
+    def command(self) -> list[str]:
+        """The ``celery`` command line of this subprocess."""
         queue = self.app.conf.task_default_queue
         cmd = [
             sys.executable, "-m", "celery", "-A", f"examples.{self.name}.app", "worker",
@@ -232,6 +236,10 @@ class Worker:
         ]  # fmt: skip
         if not embedded_broker():
             cmd.append("--task-events")
+        return cmd
+
+    def start(self, timeout: float = WORKER_START_TIMEOUT) -> Worker:
+        cmd = self.command()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
@@ -251,7 +259,7 @@ class Worker:
             raise RuntimeError(f"the {self.label} exited with {self.proc.returncode}; log:\n{self.log_tail()}")
         with self.log_path.open("rb") as fh:
             fh.seek(offset)
-            return b" ready." in fh.read()
+            return self.ready_marker in fh.read()
 
     def stop(self, timeout: float = 20.0, *, wait: bool = True) -> None:
         """Warm shutdown (SIGTERM); with ``wait``, :meth:`wait_stopped` too."""

@@ -39,7 +39,7 @@ from kombu.exceptions import ChannelError
 
 from celery_persist import AwaitTimeout
 from celery_persist.persist import SUSPENDED
-from examples._embedded import REPO, WORKER_START_TIMEOUT, Run, Worker, example_dir, main, wait_for
+from examples._embedded import REPO, Run, Worker, example_dir, main, wait_for
 from examples.orders.app import ENV_REMINDER, PAYMENT_SETTLED, app, order_flow, persist, reminder_delay
 
 ENV_UNPAID_TIMEOUT = "ORDERS_UNPAID_TIMEOUT_SECONDS"
@@ -48,32 +48,14 @@ ENV_UNPAID_TIMEOUT = "ORDERS_UNPAID_TIMEOUT_SECONDS"
 class Beat(Worker):
     """The example's ``celery beat`` subprocess, leader of its own process group."""
 
-    def start(self, timeout: float = WORKER_START_TIMEOUT) -> Beat:
+    ready_marker = b"beat: Starting..."
+
+    def command(self) -> list[str]:
         schedule = example_dir(self.name) / "beat-schedule"
-        cmd = [
+        return [
             sys.executable, "-m", "celery", "-A", f"examples.{self.name}.app", "beat",
             "--schedule", str(schedule), "--loglevel", "INFO", "--max-interval", "1",
         ]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(  # noqa: S603 - our interpreter, our arguments
-                cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        try:
-            wait_for(lambda: self._ready(offset), timeout, f"beat to start (log: {self.log_path})", interval=0.1)
-        except BaseException:
-            self.kill()
-            raise
-        return self
-
-    def _ready(self, offset: int) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"beat exited with {self.proc.returncode}; log:\n{self.log_tail()}")
-        with self.log_path.open("rb") as fh:
-            fh.seek(offset)
-            return b"beat: Starting..." in fh.read()
 
 
 def wait_step(result: Any, state: str, timeout: float = 30.0) -> Any:
