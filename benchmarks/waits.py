@@ -251,6 +251,8 @@ class TimerResult:
     early: int = 0
     lateness: list[float] = field(default_factory=list)
     first_to_last: float = float("nan")
+    floor: list[float] = field(default_factory=list)
+    floor_span: float = float("nan")
     error: str | None = None
     profile: str = ""
 
@@ -307,7 +309,27 @@ def run_timers(stack: Stack, r: Any, n: int, progress: Callable[[str], None]) ->
     if first:
         res.first_to_last = max(first.values()) - min(first.values())
     r.delete(skey)
+    res.floor, res.floor_span = run_floor(stack, r, n, progress)
     return res
+
+
+def run_floor(stack: Stack, r: Any, n: int, progress: Callable[[str], None]) -> tuple[list[float], float]:
+    """The plain-Celery floor for the same measure: N ``stamp`` tasks published at once, no store.
+
+    One client sends them pipelined through one producer (kombu's ``Producer.batch``, the
+    best case for the sender) at T0; lateness = task start - T0, on the same worker.
+    """
+    run = "floor"
+    skey = stack.stamps_key(run)
+    progress(f"waits[{stack.store}]: plain Celery floor: {n} stamp tasks sent at once")
+    t0 = time.time()
+    with stack.app.producer_or_acquire() as producer, producer.batch():
+        for i in range(n):
+            stack.sig("cp_bench.stamp", None, run, i).apply_async(producer=producer)
+    _wait_stamps(r, skey, n, t0 + 60 + n * 0.1, stack)
+    starts = [started for _, started in _stamps(r, skey)]
+    r.delete(skey)
+    return [s - t0 for s in starts], (max(starts) - min(starts)) if starts else float("nan")
 
 
 def profile_fire_pass(stack: Stack, r: Any, n: int, progress: Callable[[str], None]) -> str:
@@ -591,7 +613,7 @@ def tables(runs: list[StoreRun]) -> str:
         if t is None:
             continue
         if t.error and not t.lateness:
-            rows.append([run.store, f"{t.timers:,}", "error: " + t.error[:90], "", "", "", "", "", "", ""])
+            rows.append([run.store, f"{t.timers:,}", "error: " + t.error[:90], "", "", "", "", "", "", "", "", "", ""])
             continue
         met = t.goal_met()
         rows.append(
@@ -607,15 +629,34 @@ def tables(runs: list[StoreRun]) -> str:
                 _s(max(t.lateness) if t.lateness else float("nan")),
                 f"{t.fired / t.first_to_last:.0f}/s" if t.first_to_last > 0 else "-",
                 ("met" if met else "MISSED") + f" (<= {t.interval + 1:.0f} s)",
+                f"{_s(pct(t.floor, 50))} / {_s(pct(t.floor, 99))}" if t.floor else "-",
+                f"{len(t.floor) / t.floor_span:.0f}/s" if t.floor and t.floor_span > 0 else "-",
             ]
         )
     if rows:
         parts.append(
             "#### Timers: N flows `sleep(until=T)`, lateness = next step start - T\n\n"
+            "`floor`: the same N next steps as plain Celery tasks, published at once by one client (pipelined),\n"
+            "on the same worker: lateness = start - send time. No Celery flow on this worker can start its\n"
+            "next steps faster.\n\n"
             + markdown_table(
-                ["store", "timers", "parked before T", "fired", "dup", "early", "p50", "p99", "max", "fire rate", "goal p99"],
+                [
+                    "store",
+                    "timers",
+                    "parked before T",
+                    "fired",
+                    "dup",
+                    "early",
+                    "p50",
+                    "p99",
+                    "max",
+                    "fire rate",
+                    "goal p99",
+                    "floor p50 / p99",
+                    "floor rate",
+                ],
                 rows,
-                "lrrrrrrrrrl",
+                "lrrrrrrrrrlrr",
             )
         )
     rows = []

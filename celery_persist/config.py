@@ -159,7 +159,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("persist_signing_secret", None, _opt_str, "HMAC secret for keys; default: `CELERY_PERSIST_SIGNING_SECRET`."),
     Setting("persist_default_timeout", None, _opt_float, "`await_input` timeout in seconds when none is given (None: never)."),
     Setting("persist_checkpoint_ttl", 7 * 86400, _opt_float, "Seconds a checkpoint outlives its last write (kept after failure)."),
-    Setting("persist_lease", 60, _float, "Seconds a resume claim holds before cleanup may re-open it."),
+    Setting("persist_lease", 60, _float, "Seconds a resume claim (or a cleanup applying a timeout) holds before cleanup may take it over."),
     Setting(
         "persist_store_retry",
         60,

@@ -39,6 +39,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -167,6 +168,9 @@ class Suspension:
     #: Set by :meth:`PersistenceHub.claim`: what :meth:`~PersistenceHub.complete` and
     #: :meth:`~PersistenceHub.release` need, so only the claim holder can finish it.
     claim_token: int | None = None
+    #: Set by :meth:`PersistenceHub.cleanup` for ``on_expired``: the delivery tag that a
+    #: continuation sent by the timeout policy carries (see :meth:`PersistenceHub.take_delivery`).
+    delivery: str | None = None
 
 
 class PersistenceHub:
@@ -609,13 +613,28 @@ class PersistenceHub:
         """A fresh ``<key hash>:<nonce>`` for one sending of ``kh``'s continuation."""
         return f"{kh}:{secrets.randbelow(2**31) + 2}"
 
-    def dispatch_input(self, kh: str) -> tuple[bool, Any]:
-        """``(True, input)`` when a dispatch of ``kh`` was recorded, else ``(False, None)``."""
+    def recorded_dispatch(self, kh: str) -> dict[str, Any] | None:
+        """What was recorded for suspension ``kh``'s dispatch: ``{"input": ...}`` for a resume,
+        ``{"timeout": True}`` for a timeout that cleanup applies; None when nothing was."""
         rec = self.checkpoint_record(self.dispatch_name(kh))
         if rec is None:
-            return False, None
+            return None
         recorded = self._open_record(rec)
-        return True, recorded.get("input") if isinstance(recorded, dict) else None
+        return recorded if isinstance(recorded, dict) else {}
+
+    def record_timeouts(self, hashes: Sequence[str]) -> None:
+        """Note durably, in one store write, that cleanup is applying the timeout of each suspension
+        of ``hashes``: a continuation it sends carries a delivery tag of it (see :meth:`record_dispatch`)."""
+        if not hashes:
+            return
+        now = self.clock()
+        ttl = _checked_ttl(self.retention)
+        expires = now + ttl if ttl else None
+        records = []
+        for kh in hashes:
+            ck = self.checkpoint_hash(self.dispatch_name(kh))
+            records.append(self._build(ck, Kind.CHECKPOINT, Status.ACTIVE, {"timeout": True}, None, now, expires, ck[:12]))
+        self.store.put_many(records)
 
     def take_delivery(self, tag: str) -> bool:
         """Whether the continuation message carrying ``tag`` is the one to run.
@@ -1350,15 +1369,21 @@ class PersistenceHub:
         batch: int = 500,
         retry_after: float = 60.0,
         handler_attempts: int = maintenance.TIMEOUT_HANDLER_ATTEMPTS,
+        around_handlers: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> int:
         """Handle every record that is due; cost grows with due records only.
 
-        * a suspension past ``expires_at`` becomes ``expired``, then
-          ``on_expired`` gets it (with state) to apply its timeout policy; if
-          that raises, the record goes back to ``suspended`` and is retried
-          after ``retry_after`` seconds, ``handler_attempts`` times in all: then
-          cleanup gives up (one ERROR, audit ``expire ... gave-up``) and the
-          record stays ``expired``, out of the due index, for inspection;
+        * a suspension past ``expires_at`` is taken under the hub's ``lease`` (as a
+          resume claim is), and ``on_expired`` gets it (with state, and a ``delivery`` tag for
+          the continuation it sends) to apply its timeout policy, inside
+          ``around_handlers()`` when given (one context per page, e.g. batching the
+          messages sent); then it becomes ``expired``. If a cleanup dies half way,
+          the lease lapses and the policy is applied again under the same dispatch
+          record (a worker runs one copy of the continuation). If ``on_expired``
+          raises, the record goes back to ``suspended`` and is retried after
+          ``retry_after`` seconds, ``handler_attempts`` times in all: then cleanup
+          gives up (one ERROR, audit ``expire ... gave-up``) and the record stays
+          ``expired``, out of the due index, for inspection;
         * a claim whose lease lapsed is re-opened (``suspended``), unless its
           dispatch was recorded (:meth:`record_dispatch`): then
           ``on_unfinished(suspension, input, delivery_tag)`` sends the same continuation again
@@ -1378,6 +1403,7 @@ class PersistenceHub:
             batch=batch,
             retry_after=retry_after,
             handler_attempts=handler_attempts,
+            around_handlers=around_handlers,
         )
 
     def rotate_keys(self, *, batch: int = 200, on_record: Callable[[str], None] | None = None) -> dict[str, int]:

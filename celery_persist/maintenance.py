@@ -12,8 +12,11 @@ hub.py imports this module; the hub is named here only in annotations (under
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .crypto import KEY_MAGIC, Keyring
@@ -45,6 +48,7 @@ def cleanup(
     batch: int = 500,
     retry_after: float = 60.0,
     handler_attempts: int = TIMEOUT_HANDLER_ATTEMPTS,
+    around_handlers: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> int:
     """Handle every record of ``hub``'s store that is due (see :meth:`PersistenceHub.cleanup`).
 
@@ -54,12 +58,16 @@ def cleanup(
     :meth:`~celery_persist.stores.base.BaseStore.transition_many`, each record still its own
     compare-and-set, and only the records this call moved get their timeout policy applied.
     Lapsed claims (rare) and records that cannot be trusted are handled one by one.
+
+    Timeout policies are applied under a lease, so that a cleanup killed half way through a
+    page loses nothing and applies no policy twice (see :func:`_fire`).
     """
     now = hub.clock() if now is None else now
+    around = around_handlers or contextlib.nullcontext
     done = 0
     while True:
         records = hub.store.due(now, batch)
-        progressed = _cleanup_page(hub, records, now, on_expired, on_unfinished, retry_after, handler_attempts)
+        progressed = _cleanup_page(hub, records, now, on_expired, on_unfinished, retry_after, handler_attempts, around)
         done += progressed
         # Keep going while something moved: a lapsed lease that is also past its expiry is
         # re-opened in one pass and expired in the next, within the same run.
@@ -75,6 +83,7 @@ def _cleanup_page(
     on_unfinished: Callable[[Suspension, Any, str], None] | None,
     retry_after: float,
     handler_attempts: int,
+    around: Callable[[], AbstractContextManager[Any]],
 ) -> int:
     """One page of due records: set aside what cannot be trusted, then prune, expire, re-open."""
     done = 0
@@ -93,14 +102,16 @@ def _cleanup_page(
             expiring.append(rec)
     if prune:
         done += _prune(hub, prune)
-    if expiring:
+    if expiring and on_expired is None:
         moved = hub._move_many([(rec, Status.EXPIRED, now + hub.retention) for rec in expiring], now=now)
         for rec in expiring:
-            expired = moved.get(rec.key_hash)
-            if expired is not None:  # else another writer changed it first: not ours to handle
-                done += _expired(hub, rec, expired, now, on_expired, retry_after, handler_attempts)
+            if rec.key_hash in moved:  # else another writer changed it first
+                hub._audit("expire", rec.key_hash[:12], "ok", wait=_wait_of(rec))
+                done += 1
+    elif expiring and on_expired is not None:
+        done += _fire(hub, expiring, now, on_expired, retry_after, handler_attempts, around)
     for rec in lapsed:
-        done += _lapsed_claim(hub, rec, now, on_unfinished, retry_after)
+        done += _lapsed_claim(hub, rec, now, on_expired, on_unfinished, retry_after)
     return done
 
 
@@ -133,37 +144,80 @@ def _prune(hub: PersistenceHub, records: Sequence[StoredRecord]) -> int:
     return hub.store.delete_many([rec.key_hash for rec in records])
 
 
-def _expired(
+def _fire(
     hub: PersistenceHub,
-    rec: StoredRecord,
-    expired: StoredRecord,
+    expiring: Sequence[StoredRecord],
     now: float,
-    on_expired: Callable[[Suspension], None] | None,
+    on_expired: Callable[[Suspension], None],
     retry_after: float,
     handler_attempts: int,
+    around: Callable[[], AbstractContextManager[Any]],
 ) -> int:
-    """Apply the timeout policy of ``rec``, which this cleanup has just moved to ``expired`` (exactly once)."""
-    fp = rec.key_hash[:12]
-    if on_expired is None:
-        hub._audit("expire", fp, "ok", wait=_wait_of(rec))
-        return 1
+    """Apply the timeout policy of each suspension of ``expiring``, exactly once, under a lease.
+
+    1. Each record is taken with a compare-and-set (``suspended -> claimed``, due when the
+       hub's ``lease`` lapses, as for a resume claim), all in one ``transition_many``; a record
+       another writer changed first (a resume, a second cleanup) is not ours.
+    2. A dispatch record notes, before anything is sent, that the timeout is being applied
+       (``put_many``, one round trip); its delivery tag rides in the continuation, so a
+       worker runs one copy of it (:meth:`PersistenceHub.take_delivery`).
+    3. ``on_expired`` runs for each, inside ``around()`` (flow cleanup batches the page's
+       messages there); a handler that raises is retried later (``handler_attempts``).
+    4. Once ``around()`` has exited cleanly (the messages are out), the records become
+       ``expired`` in one ``transition_many``.
+
+    A process killed between 1 and 4 leaves its records claimed: when the lease lapses,
+    cleanup re-opens those without a dispatch record and applies the policy of the others
+    again with the same dispatch record, so the flow goes on once (:func:`_lapsed_claim`).
+    """
+    done = 0
+    opened: list[tuple[StoredRecord, Any]] = []
+    for rec in expiring:
+        try:
+            opened.append((rec, hub._open_record(rec, rec.key_hash[:12])))
+        except PersistenceError as exc:
+            # Unreadable (tampered or key removed): marked expired, kept for inspection.
+            if hub._move(rec, Status.EXPIRED, due=now + hub.retention, now=now) is not None:
+                hub._audit("expire", rec.key_hash[:12], f"unreadable:{type(exc).__name__}")
+                done += 1
+    held = hub._move_many([(rec, Status.CLAIMED, now + hub.lease) for rec, _ in opened], now=now)
+    taken = [(rec, held[rec.key_hash], state) for rec, state in opened if rec.key_hash in held]
+    if not taken:
+        return done
+    # A retried record may have sent its continuation before its handler raised: its dispatch
+    # record is kept as it is (the first copy to reach a worker runs, any later one does not).
+    retried = {rec.key_hash for rec, _, _ in taken if _retried(rec)}
+    kept = {kh for kh in retried if hub.checkpoint_record(hub.dispatch_name(kh)) is not None}
+    hub.record_timeouts([rec.key_hash for rec, _, _ in taken if rec.key_hash not in kept])
+    finished: list[tuple[StoredRecord, StoredRecord]] = []
     try:
-        state = hub._open_record(rec, fp)
-    except PersistenceError as exc:
-        # Unreadable (tampered or key removed): the record stays, marked expired, for inspection.
-        hub._audit("expire", fp, f"unreadable:{type(exc).__name__}")
-        return 1
-    # A failed attempt moved the record back with a due time past its expiry: only then is
-    # there an attempt counter to read (the first attempt costs no extra store access).
-    retried = rec.expires_at is not None and rec.due_at is not None and rec.due_at > rec.expires_at
-    try:
-        on_expired(hub._view(rec.replace(status=Status.EXPIRED), None, state=state))
-    except Exception:  # noqa: BLE001 - counted, retried, and given up on after handler_attempts
-        return _timeout_handler_failed(hub, expired, now, retried, retry_after, handler_attempts)
-    if retried:
-        hub.delete_checkpoint(_attempts_name(rec.key_hash))
-    hub._audit("expire", fp, "ok", wait=_wait_of(rec))
-    return 1
+        with around():
+            for rec, claimed, state in taken:
+                view = replace(hub._view(rec.replace(status=Status.EXPIRED), None, state=state), delivery=hub.delivery_tag(rec.key_hash))
+                try:
+                    on_expired(view)
+                except Exception:  # noqa: BLE001 - counted, retried, and given up on after handler_attempts
+                    done += _timeout_handler_failed(hub, claimed, now, rec.key_hash in retried, retry_after, handler_attempts)
+                else:
+                    finished.append((rec, claimed))
+    except Exception:  # noqa: BLE001 - e.g. the batched messages could not be flushed
+        # Nothing is known to have gone out: the records stay claimed, and when their lease
+        # lapses the policy is applied again under the same dispatch records.
+        logger.exception("celery-persist: sending the timeouts of %d suspensions failed; retrying in %.0f s", len(finished), retry_after)
+        return done
+    moved = hub._move_many([(claimed, Status.EXPIRED, now + hub.retention) for _, claimed in finished], now=now)
+    for rec, _ in finished:
+        if rec.key_hash in moved:
+            if rec.key_hash in retried:
+                hub.delete_checkpoint(_attempts_name(rec.key_hash))
+            hub._audit("expire", rec.key_hash[:12], "ok", wait=_wait_of(rec))
+            done += 1
+    return done
+
+
+def _retried(rec: StoredRecord) -> bool:
+    """Whether a failed timeout handler moved ``rec`` back (its due time is then past its expiry)."""
+    return rec.expires_at is not None and rec.due_at is not None and rec.due_at > rec.expires_at
 
 
 def _wait_of(rec: StoredRecord) -> str:
@@ -219,6 +273,7 @@ def _timeout_handler_failed(
     )
     hub._move(expired, Status.EXPIRED, due=None, now=now)
     hub.delete_checkpoint(name)
+    hub.delete_checkpoint(hub.dispatch_name(expired.key_hash))  # nothing is sent for it any more
     hub._audit("expire", fp, "gave-up", attempt=failures)
     return 1
 
@@ -227,6 +282,7 @@ def _lapsed_claim(
     hub: PersistenceHub,
     rec: StoredRecord,
     now: float,
+    on_expired: Callable[[Suspension], None] | None,
     on_unfinished: Callable[[Suspension, Any, str], None] | None,
     retry_after: float,
 ) -> int:
@@ -235,15 +291,18 @@ def _lapsed_claim(
     A recorded dispatch means the continuation may already be on its way, so
     handing the suspension to a new resumer (with another input) could run the
     flow twice: the same continuation is sent again instead, and a worker
-    drops whichever copy arrives second.
+    drops whichever copy arrives second. A recorded timeout (a cleanup died while
+    applying it, see :func:`_fire`) is applied again the same way.
     """
     fp = rec.key_hash[:12]
     try:
-        recorded, value = hub.dispatch_input(rec.key_hash)
+        recorded = hub.recorded_dispatch(rec.key_hash)
     except PersistenceError as exc:
         hub._audit("reopen", fp, f"skipped:{type(exc).__name__}")
         return 0
-    if not recorded:
+    if recorded is not None and recorded.get("timeout"):
+        return _finish_timeout(hub, rec, now, on_expired, retry_after)
+    if recorded is None:
         if hub._move(rec, Status.SUSPENDED, due=rec.expires_at, now=now) is not None:
             hub._audit("reopen", fp, "lease-lapsed")
             return 1
@@ -252,7 +311,7 @@ def _lapsed_claim(
         return 0
     try:
         state = hub._open_record(rec, fp)
-        on_unfinished(hub._view(rec, None, state=state), value, hub.delivery_tag(rec.key_hash))
+        on_unfinished(hub._view(rec, None, state=state), recorded.get("input"), hub.delivery_tag(rec.key_hash))
     except Exception:
         logger.exception("celery-persist: could not finish the dispatch of suspension %s; retrying later", fp)
         hub._move(rec, Status.CLAIMED, due=now + retry_after, now=now)
@@ -261,6 +320,27 @@ def _lapsed_claim(
     if hub._move(rec, Status.RESUMED, due=now + hub.retention, now=now) is None:
         return 0
     hub._audit("resume", fp, "finished-by-cleanup")
+    return 1
+
+
+def _finish_timeout(
+    hub: PersistenceHub, rec: StoredRecord, now: float, on_expired: Callable[[Suspension], None] | None, retry_after: float
+) -> int:
+    """Apply again the timeout that a cleanup recorded and died applying; then the record is ``expired``."""
+    fp = rec.key_hash[:12]
+    if on_expired is None:
+        return 0
+    try:
+        state = hub._open_record(rec, fp)
+        on_expired(replace(hub._view(rec.replace(status=Status.EXPIRED), None, state=state), delivery=hub.delivery_tag(rec.key_hash)))
+    except Exception:
+        logger.exception("celery-persist: could not apply the timeout of suspension %s again; retrying later", fp)
+        hub._move(rec, Status.CLAIMED, due=now + retry_after, now=now)
+        hub._audit("expire", fp, "handler-failed")
+        return 1
+    if hub._move(rec, Status.EXPIRED, due=now + hub.retention, now=now) is None:
+        return 0
+    hub._audit("expire", fp, "finished-by-cleanup", wait=_wait_of(rec))
     return 1
 
 

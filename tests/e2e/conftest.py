@@ -51,6 +51,7 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
         encrypted: bool = True,
         store_url: str | None = None,
         timer_interval: float = 1,
+        lease: float = 60,
         **broker_options: Any,
     ) -> Stack:
         if store == "postgresql" and (reason := postgres_up()):
@@ -83,6 +84,7 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
             "secret": uuid.uuid4().hex if encrypted else None,
             "loglevel": loglevel,
             "timer_interval": timer_interval,
+            "lease": lease,
         }
         stack = Stack(config, workdir)
         stacks.append(stack)

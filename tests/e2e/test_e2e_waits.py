@@ -81,6 +81,49 @@ def test_timers_survive_worker_and_beat_restarts_and_two_beats(beat_stack: Stack
     assert [len(beat_stack.recorded(t)) for t in tags] == [1, 1, 1, 1]
 
 
+#: Timers parked for the kill test: one page of a fire pass (500), so no continuation is
+#: out when the pass is caught half way.
+KILLED_TIMERS = 300
+
+
+def test_a_worker_killed_while_it_fires_timers_loses_none_and_runs_none_twice(make_stack: Callable[..., Stack]) -> None:
+    """SIGKILL of the whole worker in the middle of a fire pass.
+
+    Before the fire lease, a pass moved its page to ``expired`` first and sent the
+    continuations after: a kill in between lost every timer not yet sent.
+    """
+    stack = make_stack(
+        store="sqlite", timer_interval=0.5, lease=3, visibility_timeout=8, unacked_restore_interval=1, unacked_restore_throttle=1
+    )
+    try:
+        tag, hub = stack.tag(), stack.persist.hub
+        wake_at = time.time() + 10
+        until = datetime.fromtimestamp(wake_at, tz=timezone.utc).isoformat()
+        results = [chain(_sleep(stack, until=until), stack.sig("e2e.stamp", tag=tag)).apply_async((i,)) for i in range(KILLED_TIMERS)]
+        wait_state(results[0].parent, SUSPENDED, timeout=30)  # the worker has made the store's tables
+        wait_for(lambda: len(hub.list(status="suspended", limit=KILLED_TIMERS).items) == KILLED_TIMERS, 60, "every timer to park")
+        wait_for(lambda: time.time() > wake_at, 20, "the timers to fall due")
+        stack.start_beat()
+
+        def firing() -> bool:
+            return bool(hub.list(status="claimed", limit=1).items or hub.list(status="expired", limit=1).items)
+
+        wait_for(firing, 20, "a fire pass to take the timers", interval=0.005)
+        stack.worker.kill()  # SIGKILL to the worker and its pool, in the middle of the pass
+        assert len(stack.recorded(tag)) < KILLED_TIMERS, "the pass had finished before the kill: nothing was tested"
+
+        stack.worker.start(stack.app)
+        stack.wait_recorded(tag, KILLED_TIMERS, timeout=90)
+        # An observation window, not synchronisation: a few more beat ticks, and nothing runs again.
+        time.sleep(2)
+        fired = stack.recorded(tag)
+        assert sorted(r["value"] for r in fired) == list(range(KILLED_TIMERS)), "each timer fired exactly once"
+        assert min(r["at"] for r in fired) >= wake_at, "a timer fired early"
+        assert not hub.list(status="claimed", limit=1).items
+    finally:
+        stack.close()
+
+
 def test_a_timer_in_the_past_fires_at_once_and_a_naive_until_is_refused(beat_stack: Stack) -> None:
     tag = beat_stack.tag()
     past = datetime.now(timezone.utc) - timedelta(hours=1)
