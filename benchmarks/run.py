@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=None, help="timed runs per cell (default: 41 / 15 / 7 for 10 KB / 1 MB / 10 MB)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds before the timed ones")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time (default) or this process's CPU time")
-    p.add_argument("--celery-stores", default=None, help="stores for the Celery benchmark (default sqlite,postgres; --quick: sqlite)")
+    p.add_argument("--celery-stores", default=None, help="stores for the Celery benchmark (default redis,postgres,sqlite; --quick: sqlite)")
     p.add_argument("--flows", type=int, default=None, help="flows for the Celery latency benchmark (default 200; --quick 20)")
     p.add_argument("--throughput", type=int, default=None, help="flows for the Celery throughput benchmark (default 2000; --quick 100)")
     p.add_argument("--celery-profile", action="store_true", help="cProfile the persist.resume() calls of the Celery latency loop")
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
 
         flows = args.flows or (20 if args.quick else 200)
         tp = args.throughput if args.throughput is not None else (100 if args.quick else 2000)
-        cstores = _csv(args.celery_stores or ("sqlite" if args.quick else "sqlite,postgres"))
+        cstores = _csv(args.celery_stores or ("sqlite" if args.quick else "redis,postgres,sqlite"))
         cres = run_celery_bench(cstores, flows, tp, _progress, profile=args.celery_profile)
         payload["celery"] = [r.as_dict() for r in cres]
         celery_md = celery_tables(cres)

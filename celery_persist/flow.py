@@ -756,9 +756,7 @@ def send_on(binding: Binding, key: str, suspension: Suspension) -> AsyncResult |
     if token is None:
         return None  # an approval was recorded; more are needed
     value = suspension.input
-    if suspension.metadata.get("wait") == "timer":
-        hub.release(key, token=token)
-        raise ConfigurationError("a sleeping flow is not resumed by key: its timer fires at wake_at (cancel it to stop the flow)")
+    refuse_timer(hub, key, suspension, token)
     try:
         delivery = hub.record_dispatch(key, value)
     except BaseException:
@@ -772,6 +770,13 @@ def send_on(binding: Binding, key: str, suspension: Suspension) -> AsyncResult |
         # the flow goes on (a worker runs one copy of the continuation).
         logger.info("celery-persist: suspension %s was completed by cleanup meanwhile", suspension.fingerprint)
     return result
+
+
+def refuse_timer(hub: PersistenceHub, key: str, suspension: Suspension, token: int) -> None:
+    """Give back the claim of a sleeping flow and raise: a timer is not resumed by key."""
+    if suspension.metadata.get("wait") == "timer":
+        hub.release(key, token=token)
+        raise ConfigurationError("a sleeping flow is not resumed by key: its timer fires at wake_at (cancel it to stop the flow)")
 
 
 def finish_dispatch(binding: Binding, suspension: Suspension, input: Any, delivery: str) -> None:

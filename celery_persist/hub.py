@@ -605,7 +605,7 @@ class PersistenceHub:
             The delivery tag to carry in the continuation message.
         """
         kh = key_hash(self.unwrap_key(key))
-        self.save_checkpoint(self.dispatch_name(kh), {"input": input}, ttl=self.retention)
+        self.store.put(self._dispatch_record(kh, {"input": input}))
         return self.delivery_tag(kh)
 
     @staticmethod
@@ -625,16 +625,39 @@ class PersistenceHub:
     def record_timeouts(self, hashes: Sequence[str]) -> None:
         """Note durably, in one store write, that cleanup is applying the timeout of each suspension
         of ``hashes``: a continuation it sends carries a delivery tag of it (see :meth:`record_dispatch`)."""
-        if not hashes:
-            return
+        records = [self._dispatch_record(kh, {"timeout": True}) for kh in hashes]
+        if records:
+            self.store.put_many(records)
+
+    def record_dispatches(self, items: Sequence[tuple[str, Any]]) -> list[str | PersistenceError]:
+        """:meth:`record_dispatch` for each claimed ``(key, input)``, in one store write.
+
+        Returns:
+            Per item, in order: the delivery tag, or the error that item's input met
+            (not serializable, too large): that one was not recorded.
+
+        Raises:
+            PersistenceError: The write failed (store down): nothing was recorded.
+        """
+        out: list[str | PersistenceError] = []
+        records = []
+        for key, input in items:
+            try:
+                kh = key_hash(self.unwrap_key(key))
+                records.append(self._dispatch_record(kh, {"input": input}))
+            except PersistenceError as exc:
+                out.append(exc)
+                continue
+            out.append(self.delivery_tag(kh))
+        if records:
+            self.store.put_many(records)
+        return out
+
+    def _dispatch_record(self, kh: str, what: dict[str, Any]) -> StoredRecord:
         now = self.clock()
         ttl = _checked_ttl(self.retention)
-        expires = now + ttl if ttl else None
-        records = []
-        for kh in hashes:
-            ck = self.checkpoint_hash(self.dispatch_name(kh))
-            records.append(self._build(ck, Kind.CHECKPOINT, Status.ACTIVE, {"timeout": True}, None, now, expires, ck[:12]))
-        self.store.put_many(records)
+        ck = self.checkpoint_hash(self.dispatch_name(kh))
+        return self._build(ck, Kind.CHECKPOINT, Status.ACTIVE, what, None, now, now + ttl if ttl else None, ck[:12])
 
     def take_delivery(self, tag: str) -> bool:
         """Whether the continuation message carrying ``tag`` is the one to run.
@@ -1093,6 +1116,47 @@ class PersistenceHub:
         ):
             raise AlreadyResumed("this claim is no longer held (its lease lapsed and was re-opened?)", key=fp, store=self.store.name)
         self._audit("resume", fp, "ok")
+
+    def complete_many(self, claims: Sequence[tuple[str, int]]) -> list[PersistenceError | None]:
+        """:meth:`complete` for each ``(key, claim_token)``: claims this process holds move in one
+        :meth:`BaseStore.transition_many`; any other goes through :meth:`complete` itself.
+
+        Returns:
+            Per claim, in order: None when completed, else the error :meth:`complete` raised.
+        """
+        now = self.clock()
+        out: list[PersistenceError | None] = [None] * len(claims)
+        moves: list[tuple[StoredRecord, Status, float | None | Keep]] = []
+        batched: dict[str, int] = {}
+        alone: list[int] = []
+        for i, (key, token) in enumerate(claims):
+            try:
+                kh = key_hash(self.unwrap_key(key))
+            except PersistenceError as exc:
+                out[i] = exc
+                continue
+            with self._held_lock:
+                held = self._held.pop(kh, None)
+            if held is None or held.version != token or kh in batched:
+                alone.append(i)
+                continue
+            moves.append((held, Status.RESUMED, now + self.retention))
+            batched[kh] = i
+        moved = self._move_many(moves, now=now)
+        for kh, i in batched.items():
+            if kh in moved:
+                self._audit("resume", kh[:12], "ok")
+            else:
+                alone.append(i)
+        for i in sorted(alone):
+            if out[i] is not None:
+                continue
+            key, token = claims[i]
+            try:
+                self.complete(key, token=token)
+            except PersistenceError as exc:
+                out[i] = exc
+        return out
 
     def release(self, key: str, *, token: int) -> None:
         """Give a claim back (``token`` as for :meth:`complete`): the suspension can be resumed again.

@@ -15,9 +15,10 @@ Both are parked flows (:mod:`celery_persist.flow`) with their own ``wait``:
   index record under :meth:`~celery_persist.hub.PersistenceHub.index_prefix`
   of that pair, once it is parked and announced. :func:`signal` walks that
   prefix of the store's key-hash index (its cost follows the number of
-  waiting flows, not the number stored) and resumes each flow through
-  :func:`celery_persist.flow.resume`: one claim per flow, so a flow woken by
-  two racing signals, or by a signal racing its timeout, ends exactly one way.
+  waiting flows, not the number stored) and resumes the flows through
+  :func:`celery_persist.bulk.resume_many` (claims, sends and completions
+  batched): one claim per flow, so a flow woken by two racing signals, or by
+  a signal racing its timeout, ends exactly one way.
   The index record holds, sealed, the name of the flow's park journal, from
   which the suspension's key is derived again (keys are never stored).
   ``signal(..., buffer=S)`` also keeps the payload S seconds under a second
@@ -32,6 +33,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+from .bulk import BATCH, resume_many
 from .errors import AlreadyResumed, ConfigurationError, SuspensionCancelled, SuspensionExpired, SuspensionNotFound
 from .flow import key_of, resume
 from .hub import PersistenceHub
@@ -132,16 +134,31 @@ def signal(binding: Binding, topic: str, key: str, payload: Any = None, *, buffe
         tail = format(time.time_ns() // 1000, "014x")[-14:] + secrets.token_hex(13)
         hub.save_indexed(_buffer_prefix(hub, topic, key) + tail, {"payload": payload}, ttl=float(buffer), metadata={"index": "signal"})
     woken = 0
-    for rec, state in list(hub.indexed(_event_prefix(hub, topic, key))):
-        if not isinstance(state, dict) or not isinstance(state.get("journal"), str):
-            continue
-        try:
+    waiting = list(hub.indexed(_event_prefix(hub, topic, key)))
+    for start in range(0, len(waiting), BATCH):
+        done: list[str] = []  # index records to drop: woken, or ended meanwhile
+        wake: list[tuple[str, str]] = []  # (index record, suspension key)
+        for rec, state in waiting[start : start + BATCH]:
+            if not isinstance(state, dict) or not isinstance(state.get("journal"), str):
+                continue
             suspension_key = key_of(hub, state["journal"], binding.config.checkpoint_ttl)
-            if suspension_key is not None:
-                resume(binding, suspension_key, payload)
+            if suspension_key is None:
+                done.append(rec.key_hash)
+            else:
+                wake.append((rec.key_hash, suspension_key))
+        # The whole batch is claimed, sent (one pipelined batch) and completed together.
+        outcomes = resume_many(binding, [(k, payload) for _, k in wake])
+        failed: Exception | None = None
+        for (index_hash, _), outcome in zip(wake, outcomes, strict=True):
+            if isinstance(outcome, _ENDED):
+                done.append(index_hash)  # resumed, timed out or cancelled meanwhile: not counted
+            elif isinstance(outcome, Exception):
+                failed = failed or outcome  # kept in the index: a later signal can still wake it
+            else:
                 woken += 1
-        except _ENDED:
-            pass  # resumed, timed out or cancelled meanwhile: this signal does not count it
-        hub.store.delete(rec.key_hash)
+                done.append(index_hash)
+        hub.store.delete_many(done)
+        if failed is not None:
+            raise failed
     hub.audit("signal", _event_prefix(hub, topic, key)[:12], "ok", woken=woken, buffered=bool(buffer))
     return woken

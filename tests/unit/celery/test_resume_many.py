@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from celery import chain, shared_task
 from celery.result import AsyncResult
 
-from celery_persist import Persist, await_input
+from celery_persist import Persist, await_input, bulk
 from celery_persist.bulk import resume_many
 from celery_persist.errors import AlreadyResumed, InvalidInput, InvalidKey, SuspensionExpired
 from celery_persist.keys import key_hash
@@ -104,8 +106,40 @@ def test_resume_many(persist_worker: object, persist: Persist, wait_suspended: W
     assert _runs[50] == 0 and _runs[52] == 0 and _runs[51] == 1
     assert all(_inputs[n] == {"n": n} for n in fresh) and all(_inputs[n] == f"early-{n}" for n in earlier)
     assert all(persist.hub.peek(_hash(persist, keys[n])).status == "resumed" for n in range(50))  # type: ignore[union-attr]
-    # Claimed in batches: one transition_many per batch of 16 items (the schema-bound keys go one by one).
-    assert len(batches) == 4 and sum(batches) == len(fresh), batches
+    # Per batch of 16 items, one transition_many claims (the schema-bound keys go one by one) and
+    # one completes what was sent, the schema-bound one included.
+    claims, completes = batches[0::2], batches[1::2]
+    assert len(claims) == len(completes) == 4, batches
+    assert sum(claims) == len(fresh) and sum(completes) == len(fresh) + 1, batches
+
+
+def test_a_batch_that_does_not_go_out_is_sent_by_cleanup_once(
+    persist_worker: object, persist: Persist, wait_suspended: WaitSuspended, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker fails while the batch flushes: no claim is completed, none is re-opened to
+    another resumer, and cleanup sends each continuation after the lease; each runs once."""
+    flows = [_park(n) for n in range(5)]
+    keys = [wait_suspended(r) for r in flows]
+    real = bulk.sending_together
+
+    @contextlib.contextmanager
+    def broker_down(binding: Any) -> Iterator[None]:
+        with real(binding):
+            yield
+            raise ConnectionError("broker went away while flushing")
+
+    monkeypatch.setattr(bulk, "sending_together", broker_down)
+    outcomes = resume_many(persist.binding, [(k, {"n": n}) for n, k in enumerate(keys)])
+    assert all(isinstance(o, ConnectionError) for o in outcomes), outcomes
+    assert {persist.hub.peek(_hash(persist, k)).status for k in keys} == {"claimed"}  # type: ignore[union-attr]
+    assert all(isinstance(o, AlreadyResumed) for o in resume_many(persist.binding, [(k, "other") for k in keys]))
+
+    monkeypatch.setattr(bulk, "sending_together", real)
+    assert persist.cleanup(now=time.time() + persist.config.lease + 1) == 5
+    _wait_until(lambda: all(_runs[n] >= 1 for n in range(5)))
+    time.sleep(0.3)  # a second copy of any continuation would have run by now
+    assert [_runs[n] for n in range(5)] == [1] * 5 and [_inputs[n] for n in range(5)] == [{"n": n} for n in range(5)]
+    assert {persist.hub.peek(_hash(persist, k)).status for k in keys} == {"resumed"}  # type: ignore[union-attr]
 
 
 def _hash(persist: Persist, key: str) -> str:
