@@ -284,8 +284,11 @@ def _measure_store(
             progress(f"celery[{name}]: throughput, {rounds} rounds of {per} flows (resume, resume_many) and {per} plain chains")
             res.throughput_seconds = res.many_seconds = res.baseline_seconds = 0.0
             for rnd in range(rounds):
+                progress(f"celery[{name}]: round {rnd + 1}: persist.resume()")
                 res.throughput_seconds += _park_and_resume(app, persist, f"tp-{rid}-{rnd}", per, many=False)
+                progress(f"celery[{name}]: round {rnd + 1}: plain chains")
                 res.baseline_seconds += _plain_chains(app, f"base-{rid}-{rnd}", per)
+                progress(f"celery[{name}]: round {rnd + 1}: persist.resume_many()")
                 res.many_seconds += _park_and_resume(app, persist, f"many-{rid}-{rnd}", per, many=True)
                 for run in (f"tp-{rid}-{rnd}", f"base-{rid}-{rnd}", f"many-{rid}-{rnd}"):
                     r.delete(celery_app.stamps_key(run))
@@ -332,7 +335,11 @@ def _park_and_resume(app: Any, persist: Any, run: str, n: int, *, many: bool) ->
         for i, p in enumerate(parked):
             persist.resume(persist.suspension_key(p, timeout=300, interval=0.005), i)
     for i, p in enumerate(parked):
-        if p.get(timeout=300) != i:
+        try:
+            got = p.get(timeout=120)
+        except Exception as exc:
+            raise RuntimeError(f"throughput flow {i} ({p.id}, parent {p.parent.id} {p.parent.state}) did not finish: {exc!r}") from exc
+        if got != i:
             raise RuntimeError(f"throughput flow {i} finished with the wrong result")
     return time.perf_counter() - t0
 

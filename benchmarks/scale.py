@@ -252,6 +252,9 @@ class Result:
     hub_n: int = 0
     hub_s: float = 0.0
     hub_blob: int = 0
+    among_n: int = 0
+    among_suspend_s: float = 0.0
+    among_resume_s: float = 0.0
     prunes: dict[str, Prune] = field(default_factory=dict)
     bytes_per_record: float | None = None
     footprint: str = ""
@@ -267,6 +270,12 @@ class Result:
     @property
     def hub_rate(self) -> float:
         return self.hub_n / self.hub_s if self.hub_s else 0.0
+
+    def among_cell(self) -> str:
+        """``suspend/s / resume/s`` of real flows among the N stored, or ``-``."""
+        if not self.among_n or not self.among_suspend_s or not self.among_resume_s:
+            return "-"
+        return f"{self.among_n / self.among_suspend_s:,.0f}/s / {self.among_n / self.among_resume_s:,.0f}/s"
 
 
 # -- targets -------------------------------------------------------------------------------------
@@ -824,6 +833,23 @@ def hub_suspends(target: Target, ring: Keyring, count: int, res: Result) -> None
         target.drop("hub", store)
 
 
+def flows_among(store: BaseStore, ring: Keyring, count: int, res: Result) -> None:
+    """``count`` suspensions through a hub on the store that holds the N records, one by one, then
+    each resumed by its key (``hub.resume``: read, open, compare-and-set claim, complete)."""
+    hub = PersistenceHub(store, keyring=ring, encryption="required")
+    rng = random.Random(11)
+    states = [bench_state() for _ in range(8)]
+    hub.resume(hub.suspend(states[0], ttl=DAY, metadata=bench_metadata(0, rng)), {"ok": 0})  # warm up
+    t = time.perf_counter()
+    keys = [hub.suspend(states[i % 8], ttl=DAY, metadata=bench_metadata(i, rng)) for i in range(count)]
+    res.among_suspend_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for i, key in enumerate(keys):
+        hub.resume(key, {"ok": i})
+    res.among_resume_s = time.perf_counter() - t
+    res.among_n = count
+
+
 def sealed_size(ring: Keyring) -> int:
     store = open_store("memory://")
     hub = PersistenceHub(store, keyring=ring, encryption="required")
@@ -886,6 +912,11 @@ def run_store(target: Target, opts: Options, clock: Clock, ring: Keyring, blob_s
         say(f"written {written:,} in {spent:,.1f} s: {res.write_rate:,.0f}/s (client CPU {cpu:,.1f} s)")
         res.bytes_per_record, res.footprint = target.footprint(store, "main", written)
         say(f"footprint: {res.footprint}")
+        # After the footprint (the flows' records would count in it), before the prunes (their
+        # records are neither expired nor due then: resumed ones are kept for retention).
+        say(f"hub.suspend + hub.resume x {opts.hub_suspends:,} among {written:,} ...")
+        flows_among(store, ring, opts.hub_suspends, res)
+        say(f"among {written:,}: suspend / resume {res.among_cell()}")
         with contextlib.suppress(Exception):
             res.plan = target.plan(store, clock.now2)
         for role, group in (("base1", 1), ("base2", 2)):
@@ -970,13 +1001,13 @@ def _bytes(value: float | None) -> str:
 def tables(results: list[Result], e: int) -> str:
     ek = f"{e // 1000}k" if e % 1000 == 0 else f"{e:,}"
     lines = [
-        f"| store | N | write (put_many x 1,000) | hub.suspend, 1 process | prune {ek} among N: cleanup / due+delete "
-        f"| prune {ek} among {ek}: cleanup / due+delete | ratio N / {ek} | bytes/record |",
-        "|---|---:|---:|---:|---|---|---|---:|",
+        f"| store | N | write (put_many x 1,000) | hub.suspend, 1 process | flows among N: suspend / resume, 1 process "
+        f"| prune {ek} among N: cleanup / due+delete | prune {ek} among {ek}: cleanup / due+delete | ratio N / {ek} | bytes/record |",
+        "|---|---:|---:|---:|---:|---|---|---|---:|",
     ]
     for r in results:
         if r.skipped:
-            lines.append(f"| {r.store} | - | - | - | skipped: {r.skipped} | | | |")
+            lines.append(f"| {r.store} | - | - | - | - | skipped: {r.skipped} | | | |")
             continue
         p = r.prunes
 
@@ -989,7 +1020,7 @@ def tables(results: list[Result], e: int) -> str:
 
         n_cell = f"{r.n:,}" + (" (capped)" if r.write_capped else "")
         lines.append(
-            f"| {r.store} | {n_cell} | {r.write_rate:,.0f}/s | {r.hub_rate:,.0f}/s | {pair('N')} | {pair('E')} "
+            f"| {r.store} | {n_cell} | {r.write_rate:,.0f}/s | {r.hub_rate:,.0f}/s | {r.among_cell()} | {pair('N')} | {pair('E')} "
             f"| {ratio('cleanup')} / {ratio('delete')} | {_bytes(r.bytes_per_record)} |"
         )
     lines += [

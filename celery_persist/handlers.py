@@ -138,7 +138,13 @@ def on_unknown(sender: Any = None, message: Any = None, name: str | None = None,
     delivery = (getattr(message, "headers", None) or {}).get(DELIVERY_HEADER)
     if not isinstance(delivery, str):
         return
-    kh = delivery.rpartition(":")[0]
+    kh, _, nonce = delivery.rpartition(":")
+    if nonce.startswith("t"):
+        # A timeout's continuation: putting the flow back would fire it again at once, and
+        # again. It stays claimed until its lease lapses, then is fired again (and comes here
+        # again) until the task is deployed; say so each time.
+        logger.error("celery-persist: timeout continuation %s names task %r, which this worker does not know", id, name)
+        return
     try:
         app = sender.app
         stranded = binding_of(app).ready().strand(kh, f"missing-task:{name}")

@@ -614,20 +614,12 @@ class PersistenceHub:
         return f"{kh}:{secrets.randbelow(2**31) + 2}"
 
     def recorded_dispatch(self, kh: str) -> dict[str, Any] | None:
-        """What was recorded for suspension ``kh``'s dispatch: ``{"input": ...}`` for a resume,
-        ``{"timeout": True}`` for a timeout that cleanup applies; None when nothing was."""
+        """What was recorded for suspension ``kh``'s dispatch (``{"input": ...}``); None when nothing was."""
         rec = self.checkpoint_record(self.dispatch_name(kh))
         if rec is None:
             return None
         recorded = self._open_record(rec)
         return recorded if isinstance(recorded, dict) else {}
-
-    def record_timeouts(self, hashes: Sequence[str]) -> None:
-        """Note durably, in one store write, that cleanup is applying the timeout of each suspension
-        of ``hashes``: a continuation it sends carries a delivery tag of it (see :meth:`record_dispatch`)."""
-        records = [self._dispatch_record(kh, {"timeout": True}) for kh in hashes]
-        if records:
-            self.store.put_many(records)
 
     def record_dispatches(self, items: Sequence[tuple[str, Any]]) -> list[str | PersistenceError]:
         """:meth:`record_dispatch` for each claimed ``(key, input)``, in one store write.
@@ -659,6 +651,11 @@ class PersistenceHub:
         ck = self.checkpoint_hash(self.dispatch_name(kh))
         return self._build(ck, Kind.CHECKPOINT, Status.ACTIVE, what, None, now, now + ttl if ttl else None, ck[:12])
 
+    @staticmethod
+    def timeout_tag(claimed: StoredRecord) -> str:
+        """The delivery tag of a continuation that cleanup sends while it holds ``claimed`` to apply its timeout."""
+        return f"{claimed.key_hash}:t{claimed.version}"
+
     def take_delivery(self, tag: str) -> bool:
         """Whether the continuation message carrying ``tag`` is the one to run.
 
@@ -666,8 +663,15 @@ class PersistenceHub:
         compare-and-set; the same message delivered again (a worker died running
         it) still runs; any other copy (sent again by cleanup after the resumer
         died) does not. No record (expired, or never written): run.
+
+        A timeout's continuation (tag ``<hash>:t<version>``, see :meth:`timeout_tag`)
+        runs while the suspension is still claimed at that version (then this
+        expires it, in one compare-and-set, in case the cleanup that sent it died) or
+        was expired from it; not once it was re-opened and fired again.
         """
         kh, _, raw_nonce = tag.rpartition(":")
+        if raw_nonce.startswith("t"):
+            return self._take_timeout(kh, int(raw_nonce[1:]))
         nonce = int(raw_nonce)
         rec = self.checkpoint_record(self.dispatch_name(kh))
         if rec is None:
@@ -682,6 +686,21 @@ class PersistenceHub:
             latest = self.checkpoint_record(self.dispatch_name(kh))
             return latest is None or latest.version == nonce
         return rec.version == nonce
+
+    def _take_timeout(self, kh: str, version: int) -> bool:
+        fp = kh[:12]
+        rec = self.store.get(kh)
+        if rec is not None and self._verify(rec, fp).status is Status.CLAIMED and rec.version == version:
+            now = self.clock()
+            if self._move(rec, Status.EXPIRED, due=now + self.retention, now=now) is not None:
+                self._audit("expire", fp, "ok:by-worker", wait=rec.metadata.get("wait", "input"))
+                return True
+            rec = self.store.get(kh)
+            if rec is not None:
+                self._verify(rec, fp)
+        if rec is None:
+            return True  # pruned after its retention: nothing left to judge by
+        return rec.status is Status.EXPIRED and rec.version == version + 1
 
     def strand(self, kh: str, reason: str) -> bool:
         """Put a dispatched suspension back to ``suspended``: its continuation could not run.
@@ -1442,8 +1461,9 @@ class PersistenceHub:
           the continuation it sends) to apply its timeout policy, inside
           ``around_handlers()`` when given (one context per page, e.g. batching the
           messages sent); then it becomes ``expired``. If a cleanup dies half way,
-          the lease lapses and the policy is applied again under the same dispatch
-          record (a worker runs one copy of the continuation). If ``on_expired``
+          a continuation that went out expires its record when a worker takes it
+          (:meth:`take_delivery`); the others lapse, are re-opened and fired again,
+          and a late copy of an earlier firing is dropped. If ``on_expired``
           raises, the record goes back to ``suspended`` and is retried after
           ``retry_after`` seconds, ``handler_attempts`` times in all: then cleanup
           gives up (one ERROR, audit ``expire ... gave-up``) and the record stays

@@ -111,7 +111,7 @@ def _cleanup_page(
     elif expiring and on_expired is not None:
         done += _fire(hub, expiring, now, on_expired, retry_after, handler_attempts, around)
     for rec in lapsed:
-        done += _lapsed_claim(hub, rec, now, on_expired, on_unfinished, retry_after)
+        done += _lapsed_claim(hub, rec, now, on_unfinished, retry_after)
     return done
 
 
@@ -158,17 +158,19 @@ def _fire(
     1. Each record is taken with a compare-and-set (``suspended -> claimed``, due when the
        hub's ``lease`` lapses, as for a resume claim), all in one ``transition_many``; a record
        another writer changed first (a resume, a second cleanup) is not ours.
-    2. A dispatch record notes, before anything is sent, that the timeout is being applied
-       (``put_many``, one round trip); its delivery tag rides in the continuation, so a
-       worker runs one copy of it (:meth:`PersistenceHub.take_delivery`).
-    3. ``on_expired`` runs for each, inside ``around()`` (flow cleanup batches the page's
-       messages there); a handler that raises is retried later (``handler_attempts``).
-    4. Once ``around()`` has exited cleanly (the messages are out), the records become
+    2. ``on_expired`` runs for each, inside ``around()`` (flow cleanup batches the page's
+       messages there). A continuation it sends carries ``suspension.delivery``, a tag of the
+       record's version while this cleanup holds it (:meth:`PersistenceHub.timeout_tag`). A
+       handler that raises is retried later (``handler_attempts``).
+    3. Once ``around()`` has exited cleanly (the messages are out), the records become
        ``expired`` in one ``transition_many``.
 
-    A process killed between 1 and 4 leaves its records claimed: when the lease lapses,
-    cleanup re-opens those without a dispatch record and applies the policy of the others
-    again with the same dispatch record, so the flow goes on once (:func:`_lapsed_claim`).
+    A worker runs a continuation only while its tag is the record's current claim, or the
+    claim that expired it (:meth:`PersistenceHub.take_delivery`). So a cleanup killed between
+    1 and 3 loses nothing and runs nothing twice: a continuation that did go out makes its
+    record ``expired`` when it reaches a worker; the other records lapse, are re-opened
+    (:func:`_lapsed_claim`) and fired again under a new version, and a late copy of the first
+    continuation is then dropped.
     """
     done = 0
     opened: list[tuple[StoredRecord, Any]] = []
@@ -182,36 +184,29 @@ def _fire(
                 done += 1
     held = hub._move_many([(rec, Status.CLAIMED, now + hub.lease) for rec, _ in opened], now=now)
     taken = [(rec, held[rec.key_hash], state) for rec, state in opened if rec.key_hash in held]
-    if not taken:
-        return done
-    # A retried record may have sent its continuation before its handler raised: its dispatch
-    # record is kept as it is (the first copy to reach a worker runs, any later one does not).
-    retried = {rec.key_hash for rec, _, _ in taken if _retried(rec)}
-    kept = {kh for kh in retried if hub.checkpoint_record(hub.dispatch_name(kh)) is not None}
-    hub.record_timeouts([rec.key_hash for rec, _, _ in taken if rec.key_hash not in kept])
     finished: list[tuple[StoredRecord, StoredRecord]] = []
     try:
         with around():
             for rec, claimed, state in taken:
-                view = replace(hub._view(rec.replace(status=Status.EXPIRED), None, state=state), delivery=hub.delivery_tag(rec.key_hash))
+                view = hub._view(rec.replace(status=Status.EXPIRED), None, state=state)
                 try:
-                    on_expired(view)
+                    on_expired(replace(view, delivery=hub.timeout_tag(claimed)))
                 except Exception:  # noqa: BLE001 - counted, retried, and given up on after handler_attempts
-                    done += _timeout_handler_failed(hub, claimed, now, rec.key_hash in retried, retry_after, handler_attempts)
+                    done += _timeout_handler_failed(hub, claimed, now, _retried(rec), retry_after, handler_attempts)
                 else:
                     finished.append((rec, claimed))
     except Exception:  # noqa: BLE001 - e.g. the batched messages could not be flushed
-        # Nothing is known to have gone out: the records stay claimed, and when their lease
-        # lapses the policy is applied again under the same dispatch records.
-        logger.exception("celery-persist: sending the timeouts of %d suspensions failed; retrying in %.0f s", len(finished), retry_after)
+        # Not known to have gone out: the records stay claimed; when the lease lapses they are
+        # re-opened and fired again (a copy that did go out expires its record on arrival).
+        logger.exception("celery-persist: sending the timeouts of %d suspensions failed; retried after the lease", len(finished))
         return done
     moved = hub._move_many([(claimed, Status.EXPIRED, now + hub.retention) for _, claimed in finished], now=now)
     for rec, _ in finished:
-        if rec.key_hash in moved:
-            if rec.key_hash in retried:
-                hub.delete_checkpoint(_attempts_name(rec.key_hash))
-            hub._audit("expire", rec.key_hash[:12], "ok", wait=_wait_of(rec))
-            done += 1
+        # Not moved: the continuation reached a worker first, which expired the record itself.
+        if _retried(rec):
+            hub.delete_checkpoint(_attempts_name(rec.key_hash))
+        hub._audit("expire", rec.key_hash[:12], "ok" if rec.key_hash in moved else "ok:by-worker", wait=_wait_of(rec))
+        done += 1
     return done
 
 
@@ -273,7 +268,6 @@ def _timeout_handler_failed(
     )
     hub._move(expired, Status.EXPIRED, due=None, now=now)
     hub.delete_checkpoint(name)
-    hub.delete_checkpoint(hub.dispatch_name(expired.key_hash))  # nothing is sent for it any more
     hub._audit("expire", fp, "gave-up", attempt=failures)
     return 1
 
@@ -282,7 +276,6 @@ def _lapsed_claim(
     hub: PersistenceHub,
     rec: StoredRecord,
     now: float,
-    on_expired: Callable[[Suspension], None] | None,
     on_unfinished: Callable[[Suspension, Any, str], None] | None,
     retry_after: float,
 ) -> int:
@@ -291,8 +284,8 @@ def _lapsed_claim(
     A recorded dispatch means the continuation may already be on its way, so
     handing the suspension to a new resumer (with another input) could run the
     flow twice: the same continuation is sent again instead, and a worker
-    drops whichever copy arrives second. A recorded timeout (a cleanup died while
-    applying it, see :func:`_fire`) is applied again the same way.
+    drops whichever copy arrives second. A cleanup that died applying a timeout
+    recorded nothing: its claim is re-opened, and fired again (see :func:`_fire`).
     """
     fp = rec.key_hash[:12]
     try:
@@ -300,8 +293,6 @@ def _lapsed_claim(
     except PersistenceError as exc:
         hub._audit("reopen", fp, f"skipped:{type(exc).__name__}")
         return 0
-    if recorded is not None and recorded.get("timeout"):
-        return _finish_timeout(hub, rec, now, on_expired, retry_after)
     if recorded is None:
         if hub._move(rec, Status.SUSPENDED, due=rec.expires_at, now=now) is not None:
             hub._audit("reopen", fp, "lease-lapsed")
@@ -320,27 +311,6 @@ def _lapsed_claim(
     if hub._move(rec, Status.RESUMED, due=now + hub.retention, now=now) is None:
         return 0
     hub._audit("resume", fp, "finished-by-cleanup")
-    return 1
-
-
-def _finish_timeout(
-    hub: PersistenceHub, rec: StoredRecord, now: float, on_expired: Callable[[Suspension], None] | None, retry_after: float
-) -> int:
-    """Apply again the timeout that a cleanup recorded and died applying; then the record is ``expired``."""
-    fp = rec.key_hash[:12]
-    if on_expired is None:
-        return 0
-    try:
-        state = hub._open_record(rec, fp)
-        on_expired(replace(hub._view(rec.replace(status=Status.EXPIRED), None, state=state), delivery=hub.delivery_tag(rec.key_hash)))
-    except Exception:
-        logger.exception("celery-persist: could not apply the timeout of suspension %s again; retrying later", fp)
-        hub._move(rec, Status.CLAIMED, due=now + retry_after, now=now)
-        hub._audit("expire", fp, "handler-failed")
-        return 1
-    if hub._move(rec, Status.EXPIRED, due=now + hub.retention, now=now) is None:
-        return 0
-    hub._audit("expire", fp, "finished-by-cleanup", wait=_wait_of(rec))
     return 1
 
 
