@@ -138,12 +138,16 @@ def on_unknown(sender: Any = None, message: Any = None, name: str | None = None,
     delivery = (getattr(message, "headers", None) or {}).get(DELIVERY_HEADER)
     if not isinstance(delivery, str):
         return
-    kh, _, nonce = delivery.rpartition(":")
+    kh, _sep, nonce = delivery.rpartition(":")
     if nonce.startswith("t"):
-        # A timeout's continuation: putting the flow back would fire it again at once, and
-        # again. It stays claimed until its lease lapses, then is fired again (and comes here
-        # again) until the task is deployed; say so each time.
-        logger.error("celery-persist: timeout continuation %s names task %r, which this worker does not know", id, name)
+        # A timeout's continuation (see PersistenceHub.timeout_tag): put back, its suspension
+        # would be due at once and fired again, over and over. Said loudly instead.
+        logger.error(
+            "celery-persist: timeout continuation %s of suspension %s names task %r, which this worker does not know",
+            id,
+            kh[:12],
+            name,
+        )
         return
     try:
         app = sender.app
