@@ -300,19 +300,24 @@ def _measure_store(
         if tail:
             progress(f"celery[{name}]: worker log tail:\n{tail}")
     finally:
-        worker.stop()
-        with contextlib.suppress(Exception):
-            app.close()
-        with contextlib.suppress(Exception):
-            drop = getattr(persist.hub.store, "drop", None)
-            if callable(drop):
-                drop()
-            persist.hub.store.close()
-        # Only this run's keys: broker and backend keys carry the namespace prefix.
-        drop_namespace(r, ns)
+        close_run(worker, app, persist, r, ns)
         r.close()
         restore_env(saved)
     return res
+
+
+def close_run(worker: _Worker, app: Any, persist: Any, r: Any, ns: str) -> None:
+    """Stop the worker, close the app, drop the run's store, delete its broker and backend keys."""
+    worker.stop()
+    with contextlib.suppress(Exception):
+        app.close()
+    with contextlib.suppress(Exception):
+        drop = getattr(persist.hub.store, "drop", None)
+        if callable(drop):
+            drop()
+        persist.hub.store.close()
+    # Only this run's keys: broker and backend keys carry the namespace prefix.
+    drop_namespace(r, ns)
 
 
 #: Flows resumed per ``persist.resume_many`` call in the throughput rounds.

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .celery_bench import _env_for, _flow, _tmpdir, _wait_ready, _Worker, drop_namespace, restore_env
+from .celery_bench import _env_for, _flow, _tmpdir, _wait_ready, _Worker, close_run, restore_env
 
 __all__ = ["RaceResult", "run_racing", "racing_table", "main"]
 
@@ -391,15 +391,7 @@ def _race_store(
             if p.is_alive():
                 p.terminate()
             p.join(timeout=10)
-        worker.stop()
-        with contextlib.suppress(Exception):
-            app.close()
-        with contextlib.suppress(Exception):
-            drop = getattr(persist.hub.store, "drop", None)
-            if callable(drop):
-                drop()
-            persist.hub.store.close()
-        drop_namespace(r, ns)
+        close_run(worker, app, persist, r, ns)
         with contextlib.suppress(Exception):
             r.delete(skey)
         r.close()

@@ -35,7 +35,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -295,20 +295,51 @@ def _named(driver: Any, name: str, value: str | None = None) -> Any:
     return _one(driver, css)
 
 
-def _click(driver: Any, element: Any) -> None:
-    """Click something that loads a page, and wait until the new page has loaded."""
-    from selenium.webdriver.support import expected_conditions
+def _click(driver: Any, find: Callable[[], Any]) -> None:
+    """Click what ``find()`` returns, which loads a page, and wait until the new page has loaded.
+
+    chromedriver now and then answers "Node with given id does not belong to the document"
+    for a node of a page that is being replaced: that node is gone (stale), as for Selenium's
+    own stale-element error. If it is the node to click and the page has not changed, nothing
+    was clicked: it is found again and clicked (never once the page changed: a form must not
+    be submitted twice).
+    """
     from selenium.webdriver.support.wait import WebDriverWait
 
     page = _one(driver, "html")
-    element.click()
+    for tries_left in (2, 1, 0):
+        try:
+            find().click()
+            break
+        except Exception as exc:
+            if not _stale_error(exc) or not tries_left or _gone(page):
+                raise
     wait = WebDriverWait(driver, 15)
-    wait.until(expected_conditions.staleness_of(page))
+    wait.until(lambda d: _gone(page))
     wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
+def _stale_error(exc: BaseException) -> bool:
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+    return isinstance(exc, StaleElementReferenceException) or (
+        isinstance(exc, WebDriverException) and "does not belong to the document" in str(exc)
+    )
+
+
+def _gone(element: Any) -> bool:
+    """Whether ``element`` left the document (its page was replaced)."""
+    try:
+        element.is_enabled()
+    except Exception as exc:
+        if _stale_error(exc):
+            return True
+        raise
+    return False
+
+
 def _submit(driver: Any) -> None:
-    _click(driver, _one(driver, "form.answer button[type=submit]"))
+    _click(driver, lambda: _one(driver, "form.answer button[type=submit]"))
 
 
 def _heading(driver: Any) -> str:
@@ -319,7 +350,7 @@ def _sign_in(driver: Any, served: Served) -> None:
     driver.get(f"{served.base}/")
     if "/login" in driver.current_url:
         _named(driver, "token").send_keys(served.token)
-        _click(driver, _one(driver, "form.narrow button[type=submit]"))
+        _click(driver, lambda: _one(driver, "form.narrow button[type=submit]"))
     assert driver.current_url == f"{served.base}/", driver.current_url
     assert _heading(driver) == "Inbox"
 
@@ -351,7 +382,7 @@ def test_sign_in_inbox_and_a_schema_form_with_field_errors(
     driver.get(f"{served.base}/")
     assert "/login" in driver.current_url and _heading(driver) == "Sign in"
     _named(driver, "token").send_keys("not-the-token-0123456789")
-    _click(driver, _one(driver, "form.narrow button[type=submit]"))
+    _click(driver, lambda: _one(driver, "form.narrow button[type=submit]"))
     assert "That token is not valid." in _one(driver, ".error.banner").text
     _sign_in(driver, served)
 
@@ -365,7 +396,7 @@ def test_sign_in_inbox_and_a_schema_form_with_field_errors(
     small = _shoot(driver, artifacts / "inbox-small.png", (LAPTOP[0], 460), whole=False, scale=0.75)
     assert len(small) < 150_000, f"inbox-small.png is {len(small)} bytes"
 
-    _click(driver, driver.find_element(_by("LINK_TEXT"), "Ship order #42 (EUR 1,234.50) to ACME GmbH?"))
+    _click(driver, lambda: driver.find_element(_by("LINK_TEXT"), "Ship order #42 (EUR 1,234.50) to ACME GmbH?"))
     assert _heading(driver) == "Ship order #42 (EUR 1,234.50) to ACME GmbH?"
     assert _named(driver, "in/amount").get_attribute("min") == "1" and _named(driver, "in/amount").get_attribute("max") == "1000"
     assert _named(driver, "in/comment").get_attribute("maxlength") == "100"
@@ -412,7 +443,7 @@ def test_approvals_in_the_inbox_then_a_single_use_resume_link(
     driver = browser
     res, key = parked["payment"]
     _sign_in(driver, served)
-    _click(driver, driver.find_element(_by("PARTIAL_LINK_TEXT"), "Release payment PAY-7"))
+    _click(driver, lambda: driver.find_element(_by("PARTIAL_LINK_TEXT"), "Release payment PAY-7"))
     _named(driver, "in/approved").click()
     _submit(driver)  # no approver chosen: refused at the field
     assert _field_box(driver, "by").find_element(_by("CSS_SELECTOR"), "p.error").text
@@ -464,7 +495,7 @@ def test_an_expired_link_is_refused_and_html_in_a_prompt_is_text(browser: Any, s
     assert cell.text == HTML_PROMPT
     assert not driver.find_elements(_by("CSS_SELECTOR"), "main b, script")
     assert "&lt;script&gt;" in driver.page_source
-    _click(driver, cell)
+    _click(driver, lambda: driver.find_element(_by("PARTIAL_LINK_TEXT"), "Deploy <b>x</b>"))
     assert _heading(driver) == HTML_PROMPT
     assert driver.title != "pwned" and not driver.find_elements(_by("CSS_SELECTOR"), "main b, script")
     _shoot(driver, artifacts / "form-json-phone.png", PHONE)
