@@ -34,6 +34,7 @@ import pytest
 from celery_persist.errors import ConfigurationError, StoreUnavailable
 from celery_persist.stores.base import Kind, Status, StoredRecord
 from tests.integration.redis_cluster import LocalRedisCluster, cluster_unavailable, free_cluster_port
+from tests.integration.test_redis_store import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -89,15 +90,6 @@ def record(name: str, i: int) -> StoredRecord:
         due_at=NOW + 3600,
         updated_at=NOW + i / 7,
     )
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 class Race:
