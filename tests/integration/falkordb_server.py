@@ -250,12 +250,14 @@ class BoltRelay:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._track(client)
             threading.Thread(target=self._serve, args=(client,), name="bolt-relay-conn", daemon=True).start()
 
     def _open_upstream(self, hello: bytes) -> tuple[socket.socket, bytes]:
         for _ in range(self.attempts):
             up = socket.create_connection(self.upstream, timeout=self.handshake_timeout)
+            up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._track(up)
             try:
                 up.sendall(hello)
@@ -442,9 +444,17 @@ class FalkorDBServer:
             time.sleep(0.05)  # polling a starting process, with a deadline
         return False
 
-    def _redis_ping(self) -> bool:
+    def responsive(self, timeout: float = 2.0) -> bool:
+        """True if the server answers a Redis PING within ``timeout`` (a hung server does not).
+
+        Bolt is not probed here: a probe connection per check would add to the
+        descriptors the server keeps, and the relay already retries a hung handshake.
+        """
+        return self._redis_ping(timeout)
+
+    def _redis_ping(self, timeout: float = 1.0) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.redis_port), timeout=1.0) as s:
+            with socket.create_connection(("127.0.0.1", self.redis_port), timeout=timeout) as s:
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:

@@ -370,13 +370,17 @@ def race(
     for w in workers:
         w.start()
     reports = []
-    deadline = time.monotonic() + 300
+    # Inside pytest's 300 s per-test timeout, so a slow store fails here with racers stopped.
+    deadline = time.monotonic() + 240
     try:
         for _ in workers:
             reports.append(results.get(timeout=max(1.0, deadline - time.monotonic())))
     finally:
         for w in workers:
             w.join(timeout=max(1.0, deadline - time.monotonic()))
+            if backend.cross_process and w.is_alive():
+                w.kill()  # a racer left running would load the server for every later test
+                w.join(timeout=10)
     errors = [r[2] for r in reports if r[0] != "ok"]
     assert not errors, "a racer failed:\n" + "\n".join(errors)
     if backend.cross_process:
@@ -397,6 +401,10 @@ def check_exactly_one_winner(store: BaseStore, keys: list[str], wins: list[list[
 def test_claim_race_has_exactly_one_winner_per_key(
     backend: Backend, store: BaseStore, store_url: str, store_options: dict[str, Any], count: int
 ) -> None:
+    if count > 100 and backend.name == "mongomock":
+        # Threads over one in-process fake that serialises every call: 1,000 keys take 40 s
+        # and interleave no differently from 100. Real MongoDB runs both sizes.
+        pytest.skip("mongomock: the 100-key race covers the in-process fake")
     keys = [kh("race", i) for i in range(count)]
     store.put_many(make(k) for k in keys)
     wins = race(backend, store_url, store_options, keys)

@@ -17,9 +17,9 @@ Teardown deletes the test's namespace (``prefix``) from the graph.
 from __future__ import annotations
 
 import atexit
-import functools
 import importlib
 import os
+import sys
 from typing import Any
 
 from . import BAD_METADATA, BAD_STATUS, Backend
@@ -39,17 +39,35 @@ def _missing(*modules: str) -> str | None:
     return None
 
 
-@functools.cache
+_server: Any = None
+
+
 def falkordb_server() -> Any:
-    """The session's FalkorDB (started once, stopped at exit); None when CI started one."""
+    """The session's FalkorDB (started on first use, stopped at exit); None when CI started one.
+
+    A server that died or stopped answering (one test crashing FalkorDB) is replaced
+    before the next test uses it, so one crash costs one test, not every later one.
+    """
+    global _server
     if FALKORDB_URL:
         return None
-    from tests.integration.falkordb_server import FalkorDBServer
+    if _server is not None and not (_server.alive() and _server.responsive()):
+        print(f"FalkorDB stopped answering; starting a new one (log: {_server.log_path})", file=sys.stderr)
+        _server.stop()
+        _server = None
+    if _server is None:
+        from tests.integration.falkordb_server import FalkorDBServer
 
-    server = FalkorDBServer()
-    server.start()
-    atexit.register(server.stop)
-    return server
+        server = FalkorDBServer()
+        server.start()
+        atexit.register(server.stop)
+        _server = server
+    return _server
+
+
+def current_falkordb() -> Any:
+    """The running session server as it is (no health check, no restart), or None."""
+    return _server
 
 
 def falkordb_url() -> str:
