@@ -87,9 +87,9 @@ Atomicity:
     fail only that command while the SETs still ran.) ``put_many()`` sends
     chunks of 1,000 records or 32 MiB of blobs. ``delete()`` and ``quarantine()``
     (ZREM from the due index, HDEL ``due_at``) are one MULTI each.
-    ``transition_many()`` sends ``transition()``'s script once per record in one
-    pipeline (per 1,000 records): one round trip, each record still its own atomic
-    compare-and-set, sharing one token. ``delete_many()`` is one Lua script per 1,000
+    ``transition_many()`` is one Lua script per 1,000 records that runs
+    ``transition()``'s compare-and-set for each (one round trip and one reply,
+    each record still its own compare-and-set, sharing one token). ``delete_many()`` is one Lua script per 1,000
     records (each record's hash, blob and index entries, as ``delete()``). Each call
     names only the record's keys and its prefix's indexes, all under the prefix's
     hash tag, so in a cluster a batch goes to the one node that serves the prefix.
@@ -306,6 +306,53 @@ if cur[2] ~= ARGV[2] then
   redis.call('ZADD', KEYS[3], 0, cur[1] .. ':' .. ARGV[2] .. ':' .. ARGV[1])
 end
 return 1
+"""
+
+# _TRANSITION for many records in one script, each record still its own compare-and-set.
+# KEYS: due, ix, then the record of each change. ARGV: now, token, then per change:
+# key_hash, to, due mode, due_at, new version, seal mode, seal, expected version ('' = any),
+# the number of expected statuses, those statuses. Returns 1 (moved) or 0 per change.
+_TRANSITION_MANY = """
+local now, token = ARGV[1], ARGV[2]
+local out = {}
+local a = 3
+for r = 3, #KEYS do
+  local rec = KEYS[r]
+  local kh, to, mode, due = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local ver, smode, seal, ev = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  local n = tonumber(ARGV[a + 8])
+  local won = 0
+  local cur = redis.call('HMGET', rec, 'kind', 'status', 'op', 'version')
+  if cur[2] then
+    if cur[3] == token then
+      won = 1
+    elseif ev == '' or (cur[4] or '0') == ev then
+      for i = 0, n - 1 do
+        if ARGV[a + 9 + i] == cur[2] then won = 2 break end
+      end
+    end
+  end
+  if won == 2 then
+    redis.call('HSET', rec, 'status', to, 'updated_at', now, 'op', token)
+    if ver ~= '' then redis.call('HSET', rec, 'version', ver) end
+    if smode == 's' then redis.call('HSET', rec, 'seal', seal) end
+    if mode == 's' then
+      redis.call('HSET', rec, 'due_at', due)
+      redis.call('ZADD', KEYS[1], due, kh)
+    elseif mode == 'n' then
+      redis.call('HDEL', rec, 'due_at')
+      redis.call('ZREM', KEYS[1], kh)
+    end
+    if cur[2] ~= to then
+      redis.call('ZREM', KEYS[2], cur[1] .. ':' .. cur[2] .. ':' .. kh)
+      redis.call('ZADD', KEYS[2], 0, cur[1] .. ':' .. to .. ':' .. kh)
+    end
+    won = 1
+  end
+  out[#out + 1] = won
+  a = a + 9 + n
+end
+return out
 """
 
 # Swap the blob if unchanged. KEYS: record, blob.
@@ -758,10 +805,10 @@ class RedisStore(BaseStore):
     # -- batches (cleanup, resume_many) ----------------------------------------
 
     def transition_many(self, changes: Sequence[TransitionSpec], *, now: float) -> list[str]:
-        """:meth:`transition`'s script for each change, pipelined: one round trip per 1,000 records."""
+        """:meth:`transition`'s compare-and-set for each change, in one script per 1,000 records."""
         ordered = distinct_changes(changes)
         wanted = [c for c in ordered if c.expect]
-        # One token for the call, as transition() has one: a re-sent pipeline answers like the first.
+        # One token for the call, as transition() has one: a re-sent script answers like the first.
         token = secrets.token_hex(8)
         moved: set[str] = set()
         for start in range(0, len(wanted), _CHUNK_RECORDS):
@@ -769,35 +816,22 @@ class RedisStore(BaseStore):
         return [c.key_hash for c in ordered if c.key_hash in moved]
 
     def _transition_part(self, part: Sequence[TransitionSpec], now: float, token: str) -> list[str]:
-        calls = [([self._k_rec + c.key_hash, self._k_due, self._k_ix], _transition_argv(c, now, token)) for c in part]
-        # Only a batch that moved something waits for the replicas.
-        won = self._replicated(lambda: self._transitions(calls), wrote=any)
-        return [c.key_hash for c, w in zip(part, won, strict=True) if w]
+        keys = [self._k_due, self._k_ix, *(self._k_rec + c.key_hash for c in part)]
+        args: list[str] = [repr(float(now)), token]
+        for c in part:
+            argv = _transition_argv(c, now, token)
+            # _transition_argv's order, less its now and token, with the expected statuses counted.
+            args += (*argv[0:4], *argv[6:10], str(len(argv) - 10), *argv[10:])
 
-    def _transitions(self, calls: Sequence[tuple[list[str], list[str]]]) -> list[bool]:
-        """EVALSHA of the transition script per call in one pipeline; loads the script once on NOSCRIPT."""
-        won = [False] * len(calls)
-        pending = list(range(len(calls)))
-        with self._errors():
-            conn = self._connection()
-            for _ in range(2):
-                pipe = conn.client.pipeline(transaction=False)
-                for i in pending:
-                    keys, args = calls[i]
-                    pipe.execute_command("EVALSHA", conn.transition.sha, len(keys), *keys, *args)
-                missing = []
-                for i, reply in zip(pending, pipe.execute(raise_on_error=False), strict=True):
-                    if isinstance(reply, self._redis.exceptions.NoScriptError):
-                        missing.append(i)  # not run: safe to send again
-                    elif isinstance(reply, Exception):
-                        raise reply
-                    else:
-                        won[i] = reply == 1
-                if not missing:
-                    return won
-                conn.client.script_load(conn.transition.script)
-                pending = missing
-        raise StoreUnavailable("Redis kept refusing the transition script (NOSCRIPT after SCRIPT LOAD)", store=self.name)
+        def attempt() -> list[bool]:
+            with self._errors():
+                # EVAL with the text, as delete_many's: one reply for the batch, never NOSCRIPT.
+                replies = self._connection().client.execute_command("EVAL", _TRANSITION_MANY, len(keys), *keys, *args)
+            return [int(reply) == 1 for reply in replies]
+
+        # Only a batch that moved something waits for the replicas.
+        won = self._replicated(attempt, wrote=any)
+        return [c.key_hash for c, w in zip(part, won, strict=True) if w]
 
     def delete_many(self, key_hashes: Sequence[str]) -> int:
         keys = list(dict.fromkeys(key_hashes))

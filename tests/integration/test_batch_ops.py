@@ -236,7 +236,8 @@ def test_mongodb_bulk_path(backend: Backend, store: BaseStore, monkeypatch: pyte
 # -- Redis: a server that lost its scripts (restart, SCRIPT FLUSH, failover) -------------------------
 
 
-def test_redis_batch_loads_the_script_on_noscript(backend: Backend, store: BaseStore, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_redis_batch_does_not_depend_on_the_script_cache(backend: Backend, store: BaseStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transition_many sends its script's text (EVAL): a server that lost its scripts still runs it."""
     if not backend.name.startswith("redis"):
         pytest.skip("Redis only")
     keys = [kh("noscript", i) for i in range(20)]
