@@ -52,7 +52,7 @@ def falkordb_server() -> Any:
     if FALKORDB_URL:
         return None
     if _server is not None and not (_server.alive() and _server.responsive()):
-        print(f"FalkorDB stopped answering; starting a new one (log: {_server.log_path})", file=sys.stderr)
+        print("FalkorDB stopped answering; starting a new one for the tests that follow", file=sys.stderr)
         _server.stop()
         _server = None
     if _server is None:
