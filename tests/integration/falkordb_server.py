@@ -444,17 +444,9 @@ class FalkorDBServer:
             time.sleep(0.05)  # polling a starting process, with a deadline
         return False
 
-    def responsive(self, timeout: float = 2.0) -> bool:
-        """True if the server answers a Redis PING within ``timeout`` (a hung server does not).
-
-        Bolt is not probed here: a probe connection per check would add to the
-        descriptors the server keeps, and the relay already retries a hung handshake.
-        """
-        return self._redis_ping(timeout)
-
-    def _redis_ping(self, timeout: float = 1.0) -> bool:
+    def _redis_ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.redis_port), timeout=timeout) as s:
+            with socket.create_connection(("127.0.0.1", self.redis_port), timeout=1.0) as s:
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:

@@ -51,8 +51,9 @@ def record(key: str, blob: bytes = b"blob", **changes: Any) -> StoredRecord:
     return rec.replace(**changes)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def falkordb_url() -> str:
+    """Per test: after a crash the session server is replaced, and a module-wide URL would go stale."""
     reason = neo4j_backends._falkordb_available()
     if reason is not None:
         if os.environ.get("CI", "").lower() == "true":
@@ -78,8 +79,8 @@ def open_falkor(falkordb_url: str) -> Iterator[Any]:
         options.setdefault("chunk_size", CHUNK_SIZE)
         store = open_store(falkordb_url, prefix=prefix, **options)
         assert isinstance(store, Neo4jStore)
+        opened.append(store)  # closed below even when setup() fails
         store.setup()
-        opened.append(store)
         return store
 
     yield _open
